@@ -1,0 +1,1 @@
+"""One file per VLM family; families never import each other."""

@@ -1,0 +1,55 @@
+"""Tiny random models and inputs built offline from configs (used by `linmu quickstart` and the tests)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_qwen2_vl(seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
+                  vocab_size: int = 256):
+    """A randomly initialised Qwen2-VL of a few hundred thousand parameters (no download)."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    head_dim = hidden_size // heads
+    # mrope_section splits head_dim / 2 rotary frequencies over (t, h, w)
+    half = head_dim // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": section})
+    vision = dict(depth=1, embed_dim=32, hidden_size=hidden_size, num_heads=2, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=vocab_size - 6,
+                           video_token_id=vocab_size - 5, vision_start_token_id=vocab_size - 4,
+                           vision_end_token_id=vocab_size - 3, eos_token_id=vocab_size - 2,
+                           pad_token_id=vocab_size - 1)
+    config._attn_implementation = "sdpa"
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def tiny_qwen2_vl_inputs(model, images=((1, 4, 4),), videos=((2, 4, 4),), text_len: int = 5, seed: int = 0):
+    """One sequence: text, each image, text, each video, text; grids in patches (t, h, w) before merging."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    m = cfg.vision_config.spatial_merge_size
+    patch_dim = 3 * cfg.vision_config.temporal_patch_size * cfg.vision_config.patch_size ** 2
+    text = lambda n: torch.randint(0, cfg.vision_start_token_id - 10, (n,), generator=g)
+    ids, types, pix, pix_v = [text(text_len)], [torch.zeros(text_len)], [], []
+    for kind, grids, tok in (("image", images, cfg.image_token_id), ("video", videos, cfg.video_token_id)):
+        for t, h, w in grids:
+            n = t * h * w // (m * m)
+            ids += [torch.tensor([cfg.vision_start_token_id]), torch.full((n,), tok),
+                    torch.tensor([cfg.vision_end_token_id]), text(text_len)]
+            types += [torch.zeros(1), torch.full((n,), 1 if kind == "image" else 2), torch.zeros(1 + text_len)]
+            (pix if kind == "image" else pix_v).append(torch.randn(t * h * w, patch_dim, generator=g))
+    out = dict(input_ids=torch.cat(ids)[None].long(), attention_mask=None,
+               mm_token_type_ids=torch.cat(types)[None].long())
+    out["attention_mask"] = torch.ones_like(out["input_ids"])
+    if images:
+        out["pixel_values"] = torch.cat(pix)
+        out["image_grid_thw"] = torch.tensor(images)
+    if videos:
+        out["pixel_values_videos"] = torch.cat(pix_v)
+        out["video_grid_thw"] = torch.tensor(videos)
+    return out
