@@ -104,13 +104,35 @@ class MMate(nn.Module):
         if position_embeddings is None and self.swin is not None:
             raise ValueError("MMate needs position_embeddings=(cos, sin) from the decoder's rotary module")
         B, L, _ = hidden_states.shape
+        cache = past_key_values.linmu_layer(self.layer_idx) if hasattr(past_key_values, "linmu_layer") else None
+        if cache is not None and cache.seen > 0:
+            return self._decode(hidden_states, cache, position_embeddings), None
         layout = linmu_layout if linmu_layout is not None else TokenLayout.text_only(B, L, device=hidden_states.device)
         if (layout.batch_size, layout.seq_len) != (B, L):
             raise ValueError(f"token layout is for shape {(layout.batch_size, layout.seq_len)}, input is {(B, L)}")
         self._check_len(L)
+        if cache is not None:
+            out, state = self.prefill(hidden_states, layout, position_embeddings, state_capacity=cache.ring_capacity)
+            cache.store(state)
+            cache.seen = L
+            return out, None
         core_f = self.flex(hidden_states, layout) if self.flex is not None else None
         core_s = self.swin(hidden_states, layout, position_embeddings) if self.swin is not None else None
         return self._fuse(hidden_states, core_f, core_s), None
+
+    def _decode(self, hidden_states, cache, position_embeddings):
+        """New tokens after a prefill (all text): one recurrent step each, state updated in the cache in place."""
+        L = hidden_states.shape[1]
+        self._check_len(cache.seen + L)
+        cos, sin = position_embeddings if position_embeddings is not None else (None, None)
+        outs = []
+        for t in range(L):
+            pe = (cos[:, t:t + 1], sin[:, t:t + 1]) if cos is not None else None
+            out, state = self.step(hidden_states[:, t:t + 1], cache.state, pe)
+            cache.store(state)
+            outs.append(out)
+        cache.seen += L
+        return outs[0] if L == 1 else torch.cat(outs, 1)
 
     # ------------------------------------------------------------------ inference
     def prefill(self, hidden_states, layout: TokenLayout, position_embeddings, state_capacity: int | None = None):

@@ -11,6 +11,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from ..config import MMateConfig
 from ..layers.mmate import MMate
+from ..inference.cache import LinMUCache
 from ..layout import TokenLayout, VisualSpan
 
 
@@ -72,6 +73,17 @@ class LinMUQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
         return qwen_layout(input_ids, cfg.image_token_id, cfg.video_token_id, cfg.vision_config.spatial_merge_size,
                            image_grid_thw, video_grid_thw, attention_mask)
 
+    def mmate_blocks(self) -> list[MMate]:
+        return [layer.self_attn for layer in self.model.language_model.layers]
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                      max_cache_length):
+        # a fixed-size LinMUCache instead of transformers' growing DynamicCache
+        if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, generation_mode,
+                                                         batch_size, max_cache_length)
+        model_kwargs["past_key_values"] = LinMUCache(self.mmate_blocks(), batch_size, max_cache_length)
+
     def _prepare_multimodal_encoder_kwargs_for_generation(self, model_kwargs):
         # generate() pre-encodes images/videos and drops the grid tensors it fed the encoder; the token layout
         # still needs them, so they are put back (the text model ignores them once the embeddings exist)
@@ -85,7 +97,8 @@ class LinMUQwen2VLForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 image_grid_thw=None, video_grid_thw=None, mm_token_type_ids=None, logits_to_keep=0,
                 mm_encoder_outputs=None, linmu_layout: TokenLayout | None = None, **kwargs):
         # the parameters are spelled out because generate() checks model kwargs against this signature
-        if linmu_layout is None:
+        decoding = past_key_values is not None and past_key_values.get_seq_length() > 0
+        if linmu_layout is None and not decoding:
             if input_ids is None:
                 raise ValueError("LinMU models need input_ids (or linmu_layout) to locate the visual tokens")
             linmu_layout = self.layout_for(input_ids, attention_mask, image_grid_thw, video_grid_thw)

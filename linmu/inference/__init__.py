@@ -1,0 +1,1 @@
+"""Inference: the fixed-size cache and generation helpers."""
