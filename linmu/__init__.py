@@ -2,7 +2,8 @@
 
 from .config import MMateConfig
 from .convert import convert, supported_families
+from .io import load
 from .layout import TokenLayout, VisualSpan
 
-__all__ = ["MMateConfig", "TokenLayout", "VisualSpan", "convert", "supported_families"]
+__all__ = ["MMateConfig", "TokenLayout", "VisualSpan", "convert", "load", "supported_families"]
 __version__ = "0.1.0"

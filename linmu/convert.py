@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import importlib
+
 import torch.nn as nn
 
 from .config import MMateConfig
 
 
-def _families():
-    # one explicit table: teacher class name -> converter (imported lazily so a family's imports stay its own)
-    from .models.qwen2_vl import convert_qwen2_vl
+# teacher class name -> (family module in linmu/models, converter function, LinMU class, linmu_family key).
+# One explicit table; a family module is imported only when used, so its transformers imports stay its own.
+FAMILIES = {
+    "Qwen2VLForConditionalGeneration": (
+        "qwen2_vl", "convert_qwen2_vl", "LinMUQwen2VLForConditionalGeneration", "qwen2_vl"),
+    "Qwen2_5_VLForConditionalGeneration": (
+        "qwen2_vl", "convert_qwen2_5_vl", "LinMUQwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+}
 
-    return {"Qwen2VLForConditionalGeneration": convert_qwen2_vl}
+
+def _family_attr(teacher_class: str, index: int):
+    module = importlib.import_module(f"linmu.models.{FAMILIES[teacher_class][0]}")
+    return getattr(module, FAMILIES[teacher_class][index])
+
+
+def student_class(linmu_family: str):
+    """The LinMU class saved under ``config.linmu_family``."""
+    for name, entry in FAMILIES.items():
+        if entry[3] == linmu_family:
+            return _family_attr(name, 2)
+    raise ValueError(f"unknown LinMU family {linmu_family!r}; known: {sorted(e[3] for e in FAMILIES.values())}")
 
 
 def supported_families() -> list[str]:
-    return sorted(_families())
+    return sorted(FAMILIES)
 
 
 def convert(teacher: nn.Module, config: MMateConfig | None = None) -> nn.Module:
@@ -26,8 +44,7 @@ def convert(teacher: nn.Module, config: MMateConfig | None = None) -> nn.Module:
         student = linmu.convert(teacher)                         # defaults of LINMU.md
         same = linmu.convert(teacher, MMateConfig.identity())    # reproduces the teacher's logits
     """
-    families = _families()
     name = type(teacher).__name__
-    if name not in families:
-        raise ValueError(f"unsupported model family {name!r}; supported: {', '.join(sorted(families))}")
-    return families[name](teacher, config or MMateConfig())
+    if name not in FAMILIES:
+        raise ValueError(f"unsupported model family {name!r}; supported: {', '.join(sorted(FAMILIES))}")
+    return _family_attr(name, 1)(teacher, config or MMateConfig())
