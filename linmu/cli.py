@@ -24,11 +24,15 @@ def cmd_quickstart(args) -> int:
             t_logits = teacher(**inputs).logits
             s_logits = student(**inputs).logits
             t0 = time.perf_counter()
-            out = student.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=False)
+            out = student.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                   return_dict_in_generate=True)
             dt = time.perf_counter() - t0
-        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+            ref = student.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, use_cache=False)
+        new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+        same = "equal" if torch.equal(out.sequences, ref) else "DIFFERENT from"
         print(f"[{name} M-MATE] max |logit(student) - logit(teacher)| = {(s_logits - t_logits).abs().max():.2e}; "
-              f"generated {len(new)} tokens in {dt:.2f}s: {new}")
+              f"generated {len(new)} tokens in {dt:.2f}s with a {out.past_key_values.nbytes()}-byte fixed cache "
+              f"({same} uncached greedy): {new}")
     return 0
 
 

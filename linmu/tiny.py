@@ -22,8 +22,10 @@ def tiny_qwen2_vl(seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: 
                   temporal_patch_size=2)
     config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=vocab_size - 6,
                            video_token_id=vocab_size - 5, vision_start_token_id=vocab_size - 4,
-                           vision_end_token_id=vocab_size - 3, eos_token_id=vocab_size - 2,
-                           pad_token_id=vocab_size - 1)
+                           vision_end_token_id=vocab_size - 3)
+    # special ids of the text config must lie inside the tiny vocabulary
+    for c in (config, config.text_config):
+        c.bos_token_id, c.eos_token_id, c.pad_token_id = vocab_size - 2, vocab_size - 2, vocab_size - 1
     config._attn_implementation = "sdpa"
     return Qwen2VLForConditionalGeneration(config).eval()
 
@@ -43,13 +45,40 @@ def tiny_qwen2_vl_inputs(model, images=((1, 4, 4),), videos=((2, 4, 4),), text_l
                     torch.tensor([cfg.vision_end_token_id]), text(text_len)]
             types += [torch.zeros(1), torch.full((n,), 1 if kind == "image" else 2), torch.zeros(1 + text_len)]
             (pix if kind == "image" else pix_v).append(torch.randn(t * h * w, patch_dim, generator=g))
-    out = dict(input_ids=torch.cat(ids)[None].long(), attention_mask=None,
+    input_ids = torch.cat(ids)[None].long()
+    out = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                mm_token_type_ids=torch.cat(types)[None].long())
-    out["attention_mask"] = torch.ones_like(out["input_ids"])
     if images:
         out["pixel_values"] = torch.cat(pix)
         out["image_grid_thw"] = torch.tensor(images)
     if videos:
         out["pixel_values_videos"] = torch.cat(pix_v)
         out["video_grid_thw"] = torch.tensor(videos)
+    return out
+
+
+def tiny_qwen2_vl_batch(model, rows, text_len: int = 4, seed: int = 0):
+    """A left-padded batch; ``rows`` is a list of dicts with optional ``images`` / ``videos`` grids (patches).
+
+    Example: ``rows=[dict(videos=[(4, 4, 4)]), dict(images=[(1, 4, 4), (1, 2, 4)]), dict()]`` gives one sample with
+    a video, one with two images and one text-only.
+    """
+    singles = [tiny_qwen2_vl_inputs(model, images=r.get("images", ()), videos=r.get("videos", ()),
+                                    text_len=text_len + i, seed=seed + i) for i, r in enumerate(rows)]
+    L = max(s["input_ids"].shape[1] for s in singles)
+    pad_id = model.config.text_config.pad_token_id or 0
+
+    def left_pad(t, value):
+        return torch.cat([torch.full((1, L - t.shape[1]), value, dtype=t.dtype), t], 1)
+
+    out = dict(
+        input_ids=torch.cat([left_pad(s["input_ids"], pad_id) for s in singles]),
+        attention_mask=torch.cat([left_pad(s["attention_mask"], 0) for s in singles]),
+        mm_token_type_ids=torch.cat([left_pad(s["mm_token_type_ids"], 0) for s in singles]),
+    )
+    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        parts = [s for s in singles if grid in s]
+        if parts:
+            out[pix] = torch.cat([s[pix] for s in parts])
+            out[grid] = torch.cat([s[grid] for s in parts])
     return out
