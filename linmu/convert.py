@@ -16,6 +16,7 @@ FAMILIES = {
         "qwen2_vl", "convert_qwen2_vl", "LinMUQwen2VLForConditionalGeneration", "qwen2_vl"),
     "Qwen2_5_VLForConditionalGeneration": (
         "qwen2_vl", "convert_qwen2_5_vl", "LinMUQwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+    "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "convert_llava_onevision", "LinMULlavaOnevisionForConditionalGeneration", "llava_onevision"),
     "InternVLForConditionalGeneration": ("internvl", "convert_internvl", "LinMUInternVLForConditionalGeneration", "internvl"),
 }
 
