@@ -16,6 +16,8 @@ FAMILIES = {
         "qwen2_vl", "convert_qwen2_vl", "LinMUQwen2VLForConditionalGeneration", "qwen2_vl"),
     "Qwen2_5_VLForConditionalGeneration": (
         "qwen2_vl", "convert_qwen2_5_vl", "LinMUQwen2_5_VLForConditionalGeneration", "qwen2_5_vl"),
+    "Qwen3VLForConditionalGeneration": ("qwen3_vl", "convert_qwen3_vl", "LinMUQwen3VLForConditionalGeneration", "qwen3_vl"),
+    "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl", "convert_qwen3_vl_moe", "LinMUQwen3VLMoeForConditionalGeneration", "qwen3_vl_moe"),
     "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "convert_llava_onevision", "LinMULlavaOnevisionForConditionalGeneration", "llava_onevision"),
     "InternVLForConditionalGeneration": ("internvl", "convert_internvl", "LinMUInternVLForConditionalGeneration", "internvl"),
 }
