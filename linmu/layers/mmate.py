@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..config import MMateConfig
 from ..layout import TokenLayout
+from ..ops.alignment import alignment_mse
 from .flexma import FlexMA, FlexMAState
 from .localswin import LocalSwin, SwinState
 from .source import attention_dims
@@ -67,9 +68,30 @@ class MMate(nn.Module):
         swin = LocalSwin.from_attention(attn, layer_idx, config) if config.use_swin else None
         return cls(flex, swin, config, layer_idx, d.num_heads, d.head_dim, d.hidden_size)
 
+    # ------------------------------------------------------------------ distillation hooks
+    def attach_teacher(self, attn: nn.Module | None) -> None:
+        """Teacher forcing (LINMU.md §5, stages 1-2): keep the frozen teacher attention this block replaces.
+
+        While attached, ``forward`` runs both, stores the MSE between them in ``self.alignment_loss`` (over
+        non-padding positions) and returns the *teacher's* output, so every layer sees the teacher's input. The
+        teacher module is held outside the module tree (not a submodule): it stays the teacher's, is not saved with
+        the student and is not touched by the student's optimizer or wrappers.
+        """
+        self.__dict__["_teacher_attn"] = attn
+        self.alignment_loss = None
+
+    @property
+    def teacher_attn(self) -> nn.Module | None:
+        return self.__dict__.get("_teacher_attn")
+
+    # "flex_only": the block's output is Flex-MA alone, unweighted (stage 1 with Local-Swin absent); None: fused
+    branch_override: str | None = None
+
     # ------------------------------------------------------------------ fusion
     def _fuse(self, u: torch.Tensor, core_f: torch.Tensor | None, core_s: torch.Tensor | None) -> torch.Tensor:
         """Combine the branches' pre-projection outputs (B, L, H*P) into the block output (B, L, hidden)."""
+        if self.branch_override == "flex_only":
+            return self.flex.o_proj(core_f)
         fusion = self.config.fusion
         if fusion == "gate":
             g = torch.sigmoid(self.gate(u)).unsqueeze(-1)  # (B, L, H, 1)
@@ -111,6 +133,9 @@ class MMate(nn.Module):
         if (layout.batch_size, layout.seq_len) != (B, L):
             raise ValueError(f"token layout is for shape {(layout.batch_size, layout.seq_len)}, input is {(B, L)}")
         self._check_len(L)
+        if self.teacher_attn is not None:
+            return self._teacher_forced(hidden_states, attention_mask, position_ids, position_embeddings, layout,
+                                        kwargs)
         if cache is not None:
             out, state = self.prefill(hidden_states, layout, position_embeddings, state_capacity=cache.ring_capacity)
             cache.store(state)
@@ -119,6 +144,19 @@ class MMate(nn.Module):
         core_f = self.flex(hidden_states, layout) if self.flex is not None else None
         core_s = self.swin(hidden_states, layout, position_embeddings) if self.swin is not None else None
         return self._fuse(hidden_states, core_f, core_s), None
+
+    def _teacher_forced(self, hidden_states, attention_mask, position_ids, position_embeddings, layout, kwargs):
+        with torch.no_grad():
+            target, _ = self.teacher_attn(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                          position_embeddings=position_embeddings, **kwargs)
+        if self.branch_override == "flex_only":
+            core_s = None
+        else:
+            core_s = self.swin(hidden_states, layout, position_embeddings) if self.swin is not None else None
+        core_f = self.flex(hidden_states, layout) if self.flex is not None else None
+        student = self._fuse(hidden_states, core_f, core_s)
+        self.alignment_loss = alignment_mse(student, target, layout.key_valid)
+        return target, None
 
     def _decode(self, hidden_states, cache, position_embeddings):
         """New tokens after a prefill (all text): one recurrent step each, state updated in the cache in place."""

@@ -29,7 +29,7 @@ from ..layers.mmate import MMate
 from ..layout import TokenLayout
 
 # teacher attention tensors, relative to a decoder layer's `self_attn.`
-_ATTN_KEY = re.compile(r"^(?P<prefix>.*\.layers\.\d+\.self_attn\.)(?P<name>(q|k|v|o)_proj|q_norm|k_norm)\.(?P<p>\w+)$")
+_ATTN_KEY = re.compile(r"^(?P<prefix>.*\.)(?P<name>(q|k|v|o)_proj|q_norm|k_norm)\.(?P<p>\w+)$")
 
 
 class LinMUMixin:
@@ -113,13 +113,22 @@ class ConversionReport:
     new: list[str] = field(default_factory=list)  # student keys initialised fresh (M-MATE's own parameters)
 
 
-def student_key_table(teacher_keys, student_keys) -> ConversionReport:
-    """Map teacher tensor names to student ones: attention tensors go to both branches, the rest 1:1."""
+def student_key_table(teacher_keys, student_keys, mmate_prefixes) -> ConversionReport:
+    """Map teacher tensor names to student ones.
+
+    The attention tensors of a replaced layer (``<prefix>q_proj.weight`` for a ``<prefix>`` in ``mmate_prefixes``,
+    e.g. ``model.language_model.layers.3.self_attn.``) go to both branches (``<prefix>flex.q_proj.weight`` and
+    ``<prefix>swin.q_proj.weight``); every other tensor (vision tower attention included) keeps its name.
+    """
     student_keys = set(student_keys)
+    prefixes = tuple(mmate_prefixes)
     rep = ConversionReport()
     for k in teacher_keys:
         m = _ATTN_KEY.match(k)
-        targets = [f"{m['prefix']}{branch}.{m['name']}.{m['p']}" for branch in ("flex", "swin")] if m else [k]
+        if m and m["prefix"] in prefixes:
+            targets = [f"{m['prefix']}{branch}.{m['name']}.{m['p']}" for branch in ("flex", "swin")]
+        else:
+            targets = [k]
         targets = [t for t in targets if t in student_keys]
         if targets:
             rep.reused[k] = targets
@@ -140,7 +149,8 @@ def convert_family(teacher: nn.Module, student_cls: type, config: MMateConfig):
     student = student_cls._from_config(cfg, dtype=ref.dtype).to(ref.device)
     t_state = teacher.state_dict()
     s_state = student.state_dict()
-    rep = student_key_table(t_state.keys(), s_state.keys())
+    prefixes = {name + "." for name, m in student.named_modules() if isinstance(m, MMate)}
+    rep = student_key_table(t_state.keys(), s_state.keys(), prefixes)
     with torch.no_grad():
         for tk, sks in rep.reused.items():
             for sk in sks:
@@ -149,9 +159,12 @@ def convert_family(teacher: nn.Module, student_cls: type, config: MMateConfig):
                                      f"{tuple(s_state[sk].shape)}")
                 s_state[sk].copy_(t_state[tk])
     # anything new must be an M-MATE parameter; a new tensor elsewhere would mean a mapping bug
-    stray = [k for k in rep.new if ".self_attn." not in k]
+    stray = [k for k in rep.new if not k.startswith(tuple(prefixes))]
     if stray:
         raise RuntimeError(f"student tensors with no teacher source outside the M-MATE blocks: {stray[:5]}")
+    # eos/pad/suppressed tokens and sampling defaults belong to the model, not to its attention
+    if getattr(teacher, "generation_config", None) is not None:
+        student.generation_config = copy.deepcopy(teacher.generation_config)
     student.linmu_conversion = rep
     student.train(teacher.training)
     return student

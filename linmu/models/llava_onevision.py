@@ -208,28 +208,5 @@ class LinMULlavaOnevisionForConditionalGeneration(LinMUMixin, LlavaOnevisionForC
         return layout
 
 
-def _reuse_unmatched_one_to_one(teacher, student) -> None:
-    """Copy teacher tensors that the shared key table dropped although the student has the same key.
-
-    ``base._ATTN_KEY`` matches any ``*.layers.N.self_attn.{q,k,v}_proj.*``, so the SigLIP tower's own attention
-    (``model.vision_tower.encoder.layers.N.self_attn.q_proj.weight``) is sent to non-existent ``flex``/``swin``
-    names, reported as dropped, and its student copy stays at random init (its ``.self_attn.`` name also passes the
-    "new tensors are M-MATE parameters" check). A no-op once the key table falls back to the 1:1 key.
-    """
-    rep = student.linmu_conversion
-    t_state, s_state = teacher.state_dict(), student.state_dict()
-    with torch.no_grad():
-        for k in [k for k in rep.dropped if k in s_state]:
-            if s_state[k].shape != t_state[k].shape:
-                raise ValueError(f"shape mismatch converting {k}: {tuple(t_state[k].shape)} vs "
-                                 f"{tuple(s_state[k].shape)}")
-            s_state[k].copy_(t_state[k])
-            rep.dropped.remove(k)
-            rep.reused[k] = [k]
-            rep.new.remove(k)
-
-
 def convert_llava_onevision(teacher, config: MMateConfig):
-    student = convert_family(teacher, LinMULlavaOnevisionForConditionalGeneration, config)
-    _reuse_unmatched_one_to_one(teacher, student)
-    return student
+    return convert_family(teacher, LinMULlavaOnevisionForConditionalGeneration, config)

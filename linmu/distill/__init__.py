@@ -1,0 +1,1 @@
+"""Three-stage distillation from the frozen teacher (LINMU.md §5)."""
