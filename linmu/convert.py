@@ -20,6 +20,8 @@ FAMILIES = {
     "Qwen3VLMoeForConditionalGeneration": ("qwen3_vl", "convert_qwen3_vl_moe", "LinMUQwen3VLMoeForConditionalGeneration", "qwen3_vl_moe"),
     "LlavaOnevisionForConditionalGeneration": ("llava_onevision", "convert_llava_onevision", "LinMULlavaOnevisionForConditionalGeneration", "llava_onevision"),
     "InternVLForConditionalGeneration": ("internvl", "convert_internvl", "LinMUInternVLForConditionalGeneration", "internvl"),
+    "SmolVLMForConditionalGeneration": ("smolvlm", "convert_smolvlm", "LinMUSmolVLMForConditionalGeneration", "smolvlm"),
+    "Idefics3ForConditionalGeneration": ("smolvlm", "convert_idefics3", "LinMUIdefics3ForConditionalGeneration", "idefics3"),
 }
 
 
