@@ -82,3 +82,27 @@ def tiny_qwen2_vl_batch(model, rows, text_len: int = 4, seed: int = 0):
             out[pix] = torch.cat([s[pix] for s in parts])
             out[grid] = torch.cat([s[grid] for s in parts])
     return out
+
+
+class TinyDistillSet(torch.utils.data.Dataset):
+    """In-memory samples of equal length: text, an image, text, a video, text; the last 4 tokens are the answer."""
+
+    def __init__(self, model, n: int = 8, seed: int = 100):
+        self.items = []
+        for i in range(n):
+            s = tiny_qwen2_vl_inputs(model, images=((1, 4, 4),), videos=((2, 4, 4),), text_len=4, seed=seed + i)
+            labels = torch.full_like(s["input_ids"], -100)
+            labels[:, -4:] = s["input_ids"][:, -4:]
+            s["labels"] = labels
+            self.items.append(s)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def stack_collate(items):
+    """Concatenate equal-length samples along the batch (and pixel rows along their first axis)."""
+    return {k: torch.cat([it[k] for it in items]) for k in items[0]}

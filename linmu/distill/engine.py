@@ -252,25 +252,29 @@ def run_stage(cfg: DistillConfig, *, teacher=None, student=None, dataset=None, c
     log.close()
     if state.step < cfg.steps:
         return out_dir  # stopped early on request (max_steps_this_call); resume to finish
-    return _finish(cfg, accelerator, student, state, counts, out_dir)
+    return _finish(cfg, accelerator, student, teacher, state, counts, out_dir)
 
 
-def _finish(cfg, accelerator, student, state, counts, out_dir: Path) -> Path:
+def _finish(cfg, accelerator, student, teacher, state, counts, out_dir: Path) -> Path:
+    """Save the stage's model as a plain LinMU checkpoint (LoRA merged) in ``output_dir/final``."""
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(student)
     final = out_dir / "final"
-    if cfg.stage == 3 and cfg.merge_lora:
-        model = model.merge_and_unload()
-    elif cfg.stage == 3:
-        model.save_pretrained(str(out_dir / "adapter"))
-        model = model.get_base_model()
-    detach_teachers(model)
-    state_dict = accelerator.get_state_dict(student) if cfg.stage != 3 else None
+    # the full state dict, gathered from all shards under FSDP (every process must take part)
+    state_dict = accelerator.get_state_dict(student)
     if accelerator.is_main_process:
-        if state_dict is not None:
-            model.save_pretrained(str(final), state_dict=state_dict)
+        if accelerator.distributed_type.name == "FSDP":
+            # sharded parameters cannot be merged in place: rebuild the stage's structure unsharded and fill it
+            model, _ = _prepare_student(cfg, teacher, None)
+            model.load_state_dict(state_dict)
         else:
-            model.save_pretrained(str(final))
+            model = accelerator.unwrap_model(student)
+        if cfg.stage == 3:
+            if not cfg.merge_lora:
+                model.save_pretrained(str(out_dir / "adapter"))
+            model = model.merge_and_unload() if cfg.merge_lora else model.get_base_model()
+            state_dict = None
+        detach_teachers(model)
+        model.save_pretrained(str(final), **({"state_dict": state_dict} if state_dict is not None else {}))
         summary = {"stage": cfg.stage, "steps": state.step, "tokens": state.tokens, "trainable": counts,
                    "skipped_samples": state.skipped, "final_model": str(final)}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

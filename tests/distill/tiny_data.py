@@ -2,37 +2,12 @@
 
 import sys
 
-import torch
 
-from linmu.tiny import tiny_qwen2_vl, tiny_qwen2_vl_inputs
+from linmu.tiny import TinyDistillSet as TinySet
+from linmu.tiny import stack_collate as collate
+from linmu.tiny import tiny_qwen2_vl
 
 MMATE = dict(window=(2, 2, 2), text_window=8, chunk_size=16)
-
-
-class TinySet(torch.utils.data.Dataset):
-    """Samples of equal length: text, an image, text, a video, text; the last 4 tokens are the answer."""
-
-    def __init__(self, model, n=8):
-        self.items = []
-        for i in range(n):
-            s = tiny_qwen2_vl_inputs(model, images=((1, 4, 4),), videos=((2, 4, 4),), text_len=4, seed=100 + i)
-            labels = torch.full_like(s["input_ids"], -100)
-            labels[:, -4:] = s["input_ids"][:, -4:]
-            s["labels"] = labels
-            self.items.append(s)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-def collate(items):
-    out = {}
-    for k in items[0]:
-        out[k] = torch.cat([it[k] for it in items])
-    return out
 
 
 def main(output_dir: str, resume: bool) -> None:
