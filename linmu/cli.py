@@ -36,6 +36,38 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    """`linmu distill --stage N --config FILE [--resume]` and `linmu distill prepare-seqkd ...`."""
+    import json
+    import logging
+
+    from linmu.distill.config import DistillConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = dict(stage=args.stage, output_dir=args.output_dir, teacher=args.teacher, init=args.init,
+                     data=args.data, steps=args.steps)
+    cfg = DistillConfig.from_file(args.config, **overrides) if args.config else DistillConfig(
+        **{k: v for k, v in overrides.items() if v is not None})
+    if args.action == "prepare-seqkd":
+        from linmu.data.build import prepare_seqkd
+        from linmu.distill.engine import load_teacher
+
+        if not args.seqkd_out:
+            print("error: prepare-seqkd needs --seqkd-out FILE", file=sys.stderr)
+            return 2
+        teacher = load_teacher(cfg.teacher)
+        if args.device:
+            teacher.to(args.device)
+        report = prepare_seqkd(teacher, cfg, args.seqkd_out, max_new_tokens=args.max_new_tokens)
+        print(json.dumps(report))
+        return 0
+    from linmu.distill.engine import run_stage
+
+    final = run_stage(cfg, resume=args.resume)
+    print(f"stage {cfg.stage} model: {final}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="linmu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +75,20 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser("distill", help="run a distillation stage (or prepare-seqkd: cache teacher answers)")
+    p.add_argument("action", nargs="?", default="run", choices=["run", "prepare-seqkd"])
+    p.add_argument("--config", help="stage config (YAML or JSON, fields of linmu.distill.config.DistillConfig)")
+    p.add_argument("--stage", type=int, choices=[1, 2, 3])
+    p.add_argument("--output-dir")
+    p.add_argument("--teacher", help="local teacher checkpoint directory")
+    p.add_argument("--init", help="LinMU model to start from (the previous stage's OUTPUT/final)")
+    p.add_argument("--data", help="LLaVA-style JSON/JSONL training data")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    p.add_argument("--seqkd-out", help="prepare-seqkd: JSONL file of teacher answers to write (appends, resumable)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_distill)
     args = parser.parse_args(argv)
     return args.func(args)
 

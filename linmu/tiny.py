@@ -6,8 +6,12 @@ import torch
 
 
 def tiny_qwen2_vl(seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                  vocab_size: int = 256):
-    """A randomly initialised Qwen2-VL of a few hundred thousand parameters (no download)."""
+                  vocab_size: int = 256, tokenizer=None):
+    """A randomly initialised Qwen2-VL of a few hundred thousand parameters (no download).
+
+    With a ``tokenizer`` (e.g. ``linmu.data.build_tokenizer()``) the vocabulary and the special token ids are the
+    tokenizer's; otherwise the last ids of a ``vocab_size`` vocabulary are the special tokens.
+    """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     torch.manual_seed(seed)
@@ -26,6 +30,14 @@ def tiny_qwen2_vl(seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: 
     # special ids of the text config must lie inside the tiny vocabulary
     for c in (config, config.text_config):
         c.bos_token_id, c.eos_token_id, c.pad_token_id = vocab_size - 2, vocab_size - 2, vocab_size - 1
+    if tokenizer is not None:
+        tid = tokenizer.convert_tokens_to_ids
+        config = Qwen2VLConfig(text_config=dict(text, vocab_size=len(tokenizer)), vision_config=vision,
+                               image_token_id=tid("<|image_pad|>"), video_token_id=tid("<|video_pad|>"),
+                               vision_start_token_id=tid("<|vision_start|>"), vision_end_token_id=tid("<|vision_end|>"))
+        for c in (config, config.text_config):
+            c.bos_token_id = c.eos_token_id = tokenizer.eos_token_id
+            c.pad_token_id = tokenizer.pad_token_id
     config._attn_implementation = "sdpa"
     return Qwen2VLForConditionalGeneration(config).eval()
 

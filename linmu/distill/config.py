@@ -17,7 +17,7 @@ class DistillConfig:
     init: str | None = None  # LinMU model to start from (stage N-1's output_dir/final); None: convert the teacher
     mmate: dict = field(default_factory=dict)  # MMateConfig fields used when converting (init is None)
     # --- data
-    data: str | None = None  # LLaVA-style JSON/JSONL file, or "synthetic:<split>" for the built-in suite
+    data: str | None = None  # LLaVA-style JSON/JSONL file (image/video paths relative to media_root)
     media_root: str | None = None  # folder the data's image/video paths are relative to (default: the file's)
     num_frames: int | None = 8  # frames sampled uniformly per video (or use fps)
     fps: float | None = None  # sample by rate instead, capped at max_frames

@@ -29,7 +29,7 @@ from .losses import alignment_mse, counted_tokens, token_ce, token_kd
 from .stages import TRAINABLE, add_lora, alignment_losses, attach_teachers, detach_teachers, set_trainable
 
 logger = logging.getLogger(__name__)
-_NOT_MODEL_INPUTS = ("labels", "seqkd", "sample_ids")
+_NOT_MODEL_INPUTS = ("labels", "seqkd", "sample_ids", "skipped")
 
 
 class EpochSampler(Sampler):
@@ -218,10 +218,12 @@ def run_stage(cfg: DistillConfig, *, teacher=None, student=None, dataset=None, c
             else loader
         for batch in epoch_loader:
             state.batch_in_epoch += 1
-            if batch is None:  # every sample of this micro-batch was bad (already warned and counted)
+            # bad samples were dropped by the collator (each one warned about, naming it); count them here so
+            # the counts survive a resume and reach the summary
+            for reason, *_ in (batch or {}).pop("skipped", []):
+                state.skipped[reason] = state.skipped.get(reason, 0) + 1
+            if not batch:  # every sample of this micro-batch was bad
                 continue
-            for reason, n in batch.pop("skipped", {}).items():
-                state.skipped[reason] = state.skipped.get(reason, 0) + n
             micro += 1
             sync = micro == cfg.grad_accum
             with contextlib.nullcontext() if sync else accelerator.no_sync(student):
