@@ -2,8 +2,8 @@
 
 from .config import MMateConfig
 from .convert import convert, supported_families
-from .io import load
+from .io import load, load_teacher
 from .layout import TokenLayout, VisualSpan
 
-__all__ = ["MMateConfig", "TokenLayout", "VisualSpan", "convert", "load", "supported_families"]
+__all__ = ["MMateConfig", "TokenLayout", "VisualSpan", "convert", "load", "load_teacher", "supported_families"]
 __version__ = "0.1.0"

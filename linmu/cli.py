@@ -36,6 +36,35 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """`linmu convert --teacher DIR --out DIR [--config mmate.json | --identity]`."""
+    import json
+
+    import torch
+
+    import linmu
+
+    if args.identity:
+        cfg = linmu.MMateConfig.identity()
+    elif args.config:
+        with open(args.config) as f:
+            cfg = linmu.MMateConfig.from_dict(json.load(f))
+    else:
+        cfg = linmu.MMateConfig()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[args.dtype]
+    try:
+        teacher = linmu.load_teacher(args.teacher, dtype=dtype)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    student = linmu.convert(teacher, cfg)
+    student.save_pretrained(args.out)
+    rep = student.linmu_conversion
+    print(f"converted {type(teacher).__name__} -> {type(student).__name__}: {len(rep.reused)} teacher tensors "
+          f"reused, {len(rep.dropped)} dropped, {len(rep.new)} new M-MATE tensors; saved to {args.out}")
+    return 0
+
+
 def cmd_distill(args) -> int:
     """`linmu distill --stage N --config FILE [--resume]` and `linmu distill prepare-seqkd ...`."""
     import json
@@ -50,7 +79,7 @@ def cmd_distill(args) -> int:
         **{k: v for k, v in overrides.items() if v is not None})
     if args.action == "prepare-seqkd":
         from linmu.data.build import prepare_seqkd
-        from linmu.distill.engine import load_teacher
+        from linmu.io import load_teacher
 
         if not args.seqkd_out:
             print("error: prepare-seqkd needs --seqkd-out FILE", file=sys.stderr)
@@ -75,6 +104,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.set_defaults(func=cmd_quickstart)
+    p = sub.add_parser("convert", help="convert a local teacher checkpoint to LinMU and save it")
+    p.add_argument("--teacher", required=True, help="local teacher checkpoint directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config", help="MMateConfig fields as JSON (default: LINMU.md defaults)")
+    p.add_argument("--identity", action="store_true", help="the identity setting (reproduces the teacher)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"])
+    p.set_defaults(func=cmd_convert)
     p = sub.add_parser("distill", help="run a distillation stage (or prepare-seqkd: cache teacher answers)")
     p.add_argument("action", nargs="?", default="run", choices=["run", "prepare-seqkd"])
     p.add_argument("--config", help="stage config (YAML or JSON, fields of linmu.distill.config.DistillConfig)")

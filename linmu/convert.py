@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch.nn as nn
 
@@ -42,14 +43,20 @@ def supported_families() -> list[str]:
     return sorted(FAMILIES)
 
 
-def convert(teacher: nn.Module, config: MMateConfig | None = None) -> nn.Module:
+def convert(teacher: nn.Module | str | Path, config: MMateConfig | None = None) -> nn.Module:
     """Return the LinMU model of ``teacher``: every decoder self-attention replaced by an M-MATE block.
 
-    The vision tower, projector, embeddings, MLPs, norms and head are the teacher's (copied). Example::
+    ``teacher`` is a loaded transformers model or a local checkpoint directory. The vision tower, projector,
+    embeddings, MLPs, norms and head are the teacher's (copied); ``student.linmu_conversion`` lists where every
+    teacher tensor went. Example::
 
         student = linmu.convert(teacher)                         # defaults of LINMU.md
         same = linmu.convert(teacher, MMateConfig.identity())    # reproduces the teacher's logits
     """
+    if isinstance(teacher, (str, Path)):
+        from .io import load_teacher
+
+        teacher = load_teacher(teacher)
     name = type(teacher).__name__
     if name not in FAMILIES:
         raise ValueError(f"unsupported model family {name!r}; supported: {', '.join(sorted(FAMILIES))}")

@@ -79,3 +79,20 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device | No
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def load_teacher(path, dtype: torch.dtype | None = None):
+    """Load a teacher checkpoint directory with the transformers class its config names (a supported family)."""
+    import transformers
+
+    from .convert import FAMILIES
+
+    raw = _read_config(Path(path))
+    if "linmu" in raw:
+        raise ValueError(f"{path} is a LinMU model, not a teacher checkpoint: load it with linmu.load")
+    arch = (raw.get("architectures") or [None])[0]
+    if arch not in FAMILIES:
+        raise ValueError(f"{path} holds a {arch} checkpoint: unsupported model family; supported: "
+                         f"{', '.join(sorted(FAMILIES))}")
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return getattr(transformers, arch).from_pretrained(str(path), **kwargs)

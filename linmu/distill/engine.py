@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..config import MMateConfig
+from ..io import load_teacher
 from .checkpoint import (TrainerState, install_trainable_only_hooks, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
 from .config import DistillConfig
@@ -47,22 +48,6 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return self.n
-
-
-def load_teacher(path, dtype=None):
-    """Load a teacher checkpoint directory with the transformers class its config names."""
-    import transformers
-
-    from ..convert import FAMILIES
-
-    raw = json.loads((Path(path) / "config.json").read_text())
-    if "linmu" in raw:
-        raise ValueError(f"{path} is a LinMU model, not a teacher: pass it as `init`, and the teacher separately")
-    arch = (raw.get("architectures") or [None])[0]
-    if arch not in FAMILIES:
-        raise ValueError(f"teacher {path} is a {arch}; supported families: {', '.join(sorted(FAMILIES))}")
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    return getattr(transformers, arch).from_pretrained(str(path), **kwargs)
 
 
 def _schedule(cfg: DistillConfig):
@@ -191,6 +176,10 @@ def run_stage(cfg: DistillConfig, *, teacher=None, student=None, dataset=None, c
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
+    if accelerator.distributed_type.name == "FSDP":
+        # shard per decoder layer of whatever family this is (the config file need not name the class)
+        layer_cls = type(_linmu_model(student).linmu_decoder_layers()[0]).__name__
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = [layer_cls]
     student, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     accelerator.register_for_checkpointing(scheduler)
     if accelerator.distributed_type.name != "FSDP":

@@ -121,3 +121,17 @@ def test_dependency_contract_through_the_model(student):
     e[0, later_text] += 1.0
     moved = (logits(e) - base).abs().amax(-1)
     assert moved[:later_text].max() == 0 and moved[later_text] > 0
+
+
+def test_convert_from_directory_and_cli(teacher, tmp_path):
+    from linmu.cli import main
+
+    teacher.save_pretrained(tmp_path / "teacher")
+    student = linmu.convert(tmp_path / "teacher", linmu.MMateConfig.identity())
+    inputs = tiny_qwen2_vl_inputs(teacher)
+    with torch.no_grad():
+        assert (student(**inputs).logits - teacher(**inputs).logits).abs().max() <= 1e-4
+    assert main(["convert", "--teacher", str(tmp_path / "teacher"), "--out", str(tmp_path / "s"), "--identity"]) == 0
+    with torch.no_grad():
+        assert (linmu.load(tmp_path / "s")(**inputs).logits - teacher(**inputs).logits).abs().max() <= 1e-4
+    assert main(["convert", "--teacher", str(tmp_path / "s"), "--out", str(tmp_path / "x")]) == 2  # not a teacher
