@@ -32,6 +32,22 @@ from ..layout import TokenLayout
 _ATTN_KEY = re.compile(r"^(?P<prefix>.*\.)(?P<name>(q|k|v|o)_proj|q_norm|k_norm)\.(?P<p>\w+)$")
 
 
+def token_runs(mask) -> list[tuple[int, int]]:
+    """Maximal runs of True in a 1-D boolean mask, as ``(start, end)`` pairs (end exclusive)."""
+    flags = [bool(v) for v in mask.tolist()]
+    runs, i = [], 0
+    while i < len(flags):
+        if flags[i]:
+            j = i
+            while j < len(flags) and flags[j]:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    return runs
+
+
 class LinMUMixin:
     linmu_family: str = ""
     # inputs that generate() consumes while pre-encoding images/videos but the layout still needs

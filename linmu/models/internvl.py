@@ -40,7 +40,7 @@ from transformers import InternVLForConditionalGeneration
 
 from ..config import MMateConfig
 from ..layout import TokenLayout, VisualSpan
-from .base import LinMUMixin, convert_family
+from .base import LinMUMixin, convert_family, token_runs
 
 
 def _pair(v) -> tuple[int, int]:
@@ -82,21 +82,12 @@ def internvl_layout(input_ids: torch.Tensor, image_token_id: int, tile_side: int
     n = tile_side * tile_side
     spans = []
     for b in range(B):
-        is_img = (ids[b] == image_token_id).tolist()
-        i = 0
-        while i < L:
-            if not is_img[i]:
-                i += 1
-                continue
-            j = i
-            while j < L and is_img[j]:
-                j += 1
+        for i, j in token_runs(ids[b] == image_token_id):
             if (j - i) % n:
                 raise ValueError(f"a run of {j - i} image tokens at position {i} of row {b} is not a whole number "
                                  f"of {tile_side}x{tile_side} tiles ({n} tokens each): grid metadata does not "
                                  "match input_ids")
             spans += [VisualSpan(b, start, (1, tile_side, tile_side), "image") for start in range(i, j, n)]
-            i = j
     if num_tiles is not None and num_tiles != len(spans):
         raise ValueError(f"the model received {num_tiles} image tiles but input_ids hold {len(spans)} tiles of "
                          f"{n} image tokens: grid metadata does not match input_ids")

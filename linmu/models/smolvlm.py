@@ -41,7 +41,7 @@ from transformers import Idefics3ForConditionalGeneration, SmolVLMForConditional
 
 from ..config import MMateConfig
 from ..layout import TokenLayout, VisualSpan
-from .base import LinMUMixin, convert_family
+from .base import LinMUMixin, convert_family, token_runs
 
 
 def smolvlm_layout(input_ids: torch.Tensor, image_token_id: int, image_seq_len: int, num_tiles: int | None = None,
@@ -59,20 +59,11 @@ def smolvlm_layout(input_ids: torch.Tensor, image_token_id: int, image_seq_len: 
     ids = input_ids.detach().cpu()
     spans = []
     for b in range(B):
-        img = (ids[b] == image_token_id).tolist()
-        i = 0
-        while i < L:
-            if not img[i]:
-                i += 1
-                continue
-            j = i
-            while j < L and img[j]:
-                j += 1
+        for i, j in token_runs(ids[b] == image_token_id):
             if (j - i) % n:
                 raise ValueError(f"a run of {j - i} image tokens at position {i} of row {b} is not a whole number "
                                  f"of tiles of {n} tokens: grid metadata does not match input_ids")
             spans += [VisualSpan(b, s, (1, g, g), "image") for s in range(i, j, n)]
-            i = j
     if num_tiles is not None and int(num_tiles) != len(spans):
         raise ValueError(f"the vision inputs hold {int(num_tiles)} tiles but input_ids hold {len(spans)} tiles of "
                          f"{n} image tokens: grid metadata does not match input_ids")
