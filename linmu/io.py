@@ -53,7 +53,8 @@ def _check_weights(path: Path) -> None:
 
 
 def load(path, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
-    """Load a LinMU model saved with ``save_pretrained``. Example::
+    """Load a LinMU model saved with ``save_pretrained`` (or a supported teacher checkpoint, as its transformers
+    class). Example::
 
         student = linmu.load("runs/stage3/final", dtype=torch.bfloat16, device="cuda")
     """
@@ -62,9 +63,15 @@ def load(path, dtype: torch.dtype | None = None, device: str | torch.device | No
     path = Path(path)
     raw = _read_config(path)
     if "linmu" not in raw:
-        arch = raw.get("architectures") or [raw.get("model_type", "unknown")]
-        raise ValueError(f"{path} holds a {arch[0]} checkpoint of another architecture, not a LinMU model "
-                         "(config.json has no 'linmu' section); convert it first with linmu.convert(teacher)")
+        from .convert import FAMILIES
+
+        arch = (raw.get("architectures") or [raw.get("model_type", "unknown")])[0]
+        if arch in FAMILIES:
+            # a teacher of a supported family: load it as the transformers model it is (for eval / comparison)
+            model = load_teacher(path, dtype=dtype)
+            return (model.to(device) if device is not None else model).eval()
+        raise ValueError(f"{path} holds a {arch} checkpoint of another architecture: neither a LinMU model (no "
+                         f"'linmu' section in config.json) nor a supported teacher ({', '.join(sorted(FAMILIES))})")
     cls = student_class(raw.get("linmu_family", ""))
     _check_weights(path)
     kwargs = {"dtype": dtype} if dtype is not None else {}

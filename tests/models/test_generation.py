@@ -83,10 +83,15 @@ def test_save_load_round_trip_and_errors(student, teacher, tmp_path):
     assert json.loads((tmp_path / "s" / "config.json").read_text())["linmu"]["text_window"] == 8
     with torch.no_grad():
         assert torch.equal(student(**inputs).logits, loaded(**inputs).logits)
-    # a teacher checkpoint is of another architecture
+    # a teacher of a supported family loads as itself; a checkpoint of another architecture is refused
     teacher.save_pretrained(tmp_path / "t")
-    with pytest.raises(ValueError, match="another architecture"):
-        linmu.load(tmp_path / "t")
+    assert type(linmu.load(tmp_path / "t")) is type(teacher)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ValueError, match="another architecture: neither a LinMU model"):
+        linmu.load(tmp_path / "llama")
     # a truncated weights file
     w = tmp_path / "s" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:-1000])
