@@ -51,6 +51,7 @@ class DistillConfig:
     lora_alpha: int = 32
     lora_targets: str = "mlp"  # "mlp" | "mlp+mmate"
     merge_lora: bool = True  # merge adapters into the saved final model
+    stage3_mmate: bool = False  # stage 3 also trains every M-MATE parameter (one end-to-end stage, an ablation)
     # --- bookkeeping
     save_every: int = 100  # checkpoint every N optimizer steps (and at the end)
     keep_checkpoints: int = 2

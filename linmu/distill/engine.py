@@ -137,7 +137,10 @@ def _prepare_student(cfg: DistillConfig, teacher, student):
     else:
         detach_teachers(student)
         student = add_lora(student, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)
-    counts = set_trainable(student, TRAINABLE[cfg.stage](student))
+    groups = TRAINABLE[cfg.stage](student)
+    if cfg.stage == 3 and cfg.stage3_mmate:
+        groups.update(TRAINABLE[2](student))
+    counts = set_trainable(student, groups)
     return student, counts
 
 

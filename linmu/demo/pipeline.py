@@ -1,0 +1,176 @@
+"""`linmu demo`: the embedded default, end to end on the real pipeline (LINMU.md §7).
+
+teacher (shipped, or retrained) → convert → stage 1 → stage 2 → stage 3 → evaluate teacher and student on the test
+split at the training clip length and at 8× → CPU speed sweep → ``report.json``, ``report.md``, plots.
+The same ``run_stage`` / ``linmu.convert`` / ``LinMUCache`` code serves a real 7B teacher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import MMateConfig
+from .teacher import SHIPPED_TEACHER, TRAIN_FRAMES, load_demo_teacher, train_teacher
+
+# ablation name -> what changes (LINMU.md's "default, ablate" choices and the paper's ablations)
+ABLATIONS = {
+    "none": "the default recipe",
+    "no-stage3": "stages 1 and 2 only",
+    "one-stage": "a single end-to-end stage (stage 3 losses, all M-MATE parameters and LoRA trainable) instead of three",
+    "flex-only": "Flex-MA branch only (no Local-Swin)",
+    "swin-only": "Local-Swin branch only (no Flex-MA)",
+    "no-rms": "fixed (T,H,W) scan order instead of the Rotary Major-Scan",
+    "swin-absent-stage1": "Local-Swin absent (not frozen) during stage 1",
+    "fusion-channel": "per-channel fusion weights",
+    "fusion-gate": "per-token sigmoid gate fusion",
+    "mamba2-init": "standard Mamba2 init instead of the mimic init",
+}
+
+
+@dataclasses.dataclass
+class DemoSettings:
+    n_train: int = 1200  # distillation examples (train split, training clip length)
+    n_test: int = 240  # test examples per clip length
+    steps: tuple[int, int, int] = (150, 150, 150)  # optimizer steps of stages 1, 2, 3
+    batch_size: int = 8
+    lengths: tuple[int, ...] = (16, 64, 128, 256, 512)  # frames in the speed sweep
+    decode_tokens: int = 32
+
+    @classmethod
+    def quick(cls) -> "DemoSettings":
+        return cls(n_train=96, n_test=48, steps=(6, 6, 6), batch_size=8, lengths=(16, 64, 128), decode_tokens=8)
+
+
+class SyntheticSet(torch.utils.data.Dataset):
+    """Synthetic examples encoded by the teacher's processor (answer tokens labelled)."""
+
+    def __init__(self, examples, processor):
+        self.examples, self.processor = examples, processor
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, i):
+        from ..synthetic import to_loaded_sample
+
+        return self.processor.encode(to_loaded_sample(self.examples[i]))
+
+    def collate(self, items):
+        return dict(self.processor.pad(items))
+
+
+def _mmate_config(ablation: str) -> MMateConfig:
+    # synthetic frames are 2x2 merged tokens: windows of (2, 2, 2) cover two frame pairs
+    kw = dict(window=(4, 2, 2), text_window=64)
+    kw.update({
+        "flex-only": dict(use_swin=False, fusion_init_flex=1.0),
+        "swin-only": dict(use_flex=False, fusion_init_swin=1.0),
+        "no-rms": dict(rotary_major_scan=False),
+        "fusion-channel": dict(fusion="channel"),
+        "fusion-gate": dict(fusion="gate"),
+        "mamba2-init": dict(init="mamba2"),
+    }.get(ablation, {}))
+    return MMateConfig(**kw)
+
+
+def _stages(ablation: str, settings: DemoSettings):
+    s1, s2, s3 = settings.steps
+    base = dict(batch_size=settings.batch_size, tensorboard=False, save_every=10**9, kd_tokens="answer",
+                warmup_steps=5)
+    stage1 = dict(base, stage=1, steps=s1, lr=3e-3, stage1_swin="absent" if ablation == "swin-absent-stage1" else
+                  "frozen")
+    stage2 = dict(base, stage=2, steps=s2, lr=1e-3)
+    stage3 = dict(base, stage=3, steps=s3, lr=1e-3, w_hidden=1.0, w_kd=1.0, w_ce=0.2, lora_r=8, lora_alpha=16,
+                  stage3_mmate=ablation == "one-stage")
+    if ablation == "flex-only":
+        stage2["stage"] = 2  # Local-Swin absent from the model: stage 2 trains Flex-MA and the fusion weights
+    if ablation == "no-stage3":
+        return [stage1, stage2]
+    if ablation == "one-stage":
+        return [dict(stage3, steps=s1 + s2 + s3)]
+    return [stage1, stage2, stage3]
+
+
+def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_teacher: bool = False,
+             teacher_dir=None, log=print) -> dict:
+    """Run the whole default job into ``out_dir``; returns the report (also ``out_dir/report.json``)."""
+    from ..convert import convert
+    from ..distill.config import DistillConfig
+    from ..distill.engine import run_stage
+    from ..io import load
+    from ..synthetic import chance_levels, make_split
+    from .evaluate import accuracy
+    from .speed import speed_sweep
+
+    if ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t_all = time.perf_counter()
+    report = {"settings": dataclasses.asdict(settings), "ablation": ablation, "quick": quick,
+              "train_frames": TRAIN_FRAMES, "long_frames": 8 * TRAIN_FRAMES, "chance": chance_levels()}
+
+    # 1. teacher: shipped (trained once by `train_teacher`, reproducible from its seed) or retrained here
+    src = Path(teacher_dir) if teacher_dir else SHIPPED_TEACHER
+    if retrain_teacher or not (src / "config.json").is_file():
+        log("[1/6] training the teacher from scratch (slow on a CPU; the shipped one skips this)")
+        train_teacher(out / "teacher", log=log)
+    elif src.resolve() != (out / "teacher").resolve():
+        shutil.copytree(src, out / "teacher", dirs_exist_ok=True)
+        log(f"[1/6] teacher: reusing the trained teacher from {src}")
+    teacher, processor = load_demo_teacher(out / "teacher")
+
+    # 2. data: the distillation set at the training length; test sets at 1x and 8x that length
+    t0 = time.perf_counter()
+    train = make_split("train", settings.n_train, TRAIN_FRAMES)
+    tests = {TRAIN_FRAMES: make_split("test", settings.n_test, TRAIN_FRAMES),
+             8 * TRAIN_FRAMES: make_split("test", settings.n_test, 8 * TRAIN_FRAMES)}
+    log(f"[2/6] data: {len(train)} distillation clips, {settings.n_test} test clips at {TRAIN_FRAMES} and "
+        f"{8 * TRAIN_FRAMES} frames ({time.perf_counter() - t0:.0f}s)")
+    dataset = SyntheticSet(train, processor)
+
+    # 3-4. convert, then the distillation stages, each starting from the previous stage's output
+    student = convert(teacher, _mmate_config(ablation))
+    stages = []
+    for i, kw in enumerate(_stages(ablation, settings), 1):
+        t0 = time.perf_counter()
+        cfg = DistillConfig(output_dir=str(out / "runs" / f"stage{kw['stage']}"), seed=i, **kw)
+        log(f"[3/6] stage {cfg.stage}: {cfg.steps} steps")
+        final = run_stage(cfg, teacher=teacher, student=student, dataset=dataset, collate_fn=dataset.collate)
+        student = load(final)
+        losses = [json.loads(l)["loss"] for l in (Path(cfg.output_dir) / "log.jsonl").read_text().splitlines()]
+        stages.append({"stage": cfg.stage, "steps": cfg.steps, "seconds": time.perf_counter() - t0,
+                       "first_loss": losses[0], "last_loss": losses[-1]})
+    if (out / "student").exists():
+        shutil.rmtree(out / "student")
+    student.save_pretrained(out / "student")
+    processor.tokenizer.save_pretrained(out / "student")
+    report["stages"] = stages
+
+    # 5. accuracy of both models at both clip lengths
+    log("[4/6] evaluating teacher and student")
+    acc = {}
+    for name, model in (("teacher", teacher), ("student", student)):
+        acc[name] = {str(n): accuracy(model, processor, ex, batch_size=16) for n, ex in tests.items()}
+        log(f"    {name}: " + ", ".join(f"{n} frames {a['accuracy']:.3f}" for n, a in acc[name].items()))
+    report["accuracy"] = acc
+
+    # 6. speed: prefill (TTFT) and decode, teacher vs student, over clip lengths
+    log("[5/6] CPU speed sweep")
+    report["speed"] = speed_sweep(teacher, student, processor, settings.lengths, settings.decode_tokens, log=log)
+    report["seconds"] = time.perf_counter() - t_all
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    log("[6/6] writing report.md and plots")
+    from .report import write_markdown, write_plots
+
+    write_plots(report, out)
+    write_markdown(report, out)
+    log(f"done in {report['seconds'] / 60:.1f} min: {out / 'report.md'}")
+    return report
