@@ -97,6 +97,118 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """`linmu generate --model DIR [--video F] [--image F ...] --prompt "..." [--stream]`: answer, TTFT, tokens/s."""
+    from transformers.utils import logging as hf_logging
+
+    from linmu.data.media import MediaError
+    from linmu.inference.generate import InputError, generate, inspect_model_dir, load_media, load_model
+
+    def emit(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    hf_logging.disable_progress_bar()
+    try:
+        # cheap checks first: the directory's config and the media, then the weights
+        inspect_model_dir(args.model)
+        media = load_media(args.image or [], [args.video] if args.video else [], num_frames=args.num_frames,
+                           fps=args.fps, max_frames=args.max_frames)
+        lm = load_model(args.model, teacher=True if args.teacher else None, processor=args.processor,
+                        dtype=args.dtype, device=args.device)
+        result = generate(lm, args.prompt, media=media, max_new_tokens=args.max_new_tokens,
+                          on_text=emit if args.stream else None)
+    except (InputError, MediaError) as e:
+        print(f"linmu generate: error: {e}", file=sys.stderr)
+        return 2
+    if args.stream:
+        emit("\n")
+    else:
+        print(result.text)
+    print(f"[{lm.kind} {lm.family}] {result.summary()}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """`linmu eval --agreement --teacher T --model S --data SPEC [--json]` (each mode of `linmu eval` is a flag)."""
+    if args.agreement:
+        return _eval_agreement(args)
+    print("linmu eval: error: choose what to evaluate, e.g. --agreement", file=sys.stderr)
+    return 2
+
+
+def _eval_agreement(args) -> int:
+    import json
+
+    from transformers.utils import logging as hf_logging
+
+    from linmu.data.media import MediaError
+    from linmu.eval.agreement import format_report, run_agreement
+    from linmu.inference.generate import InputError
+
+    hf_logging.disable_progress_bar()
+    missing = [f"--{n}" for n in ("teacher", "model", "data") if not getattr(args, n)]
+    if missing:
+        print(f"linmu eval --agreement: error: needs {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        report = run_agreement(args.teacher, args.model, args.data, tokens=args.tokens, processor=args.processor,
+                               media_root=args.media_root, num_frames=args.num_frames, fps=args.fps,
+                               max_frames=args.max_frames, max_length=args.max_length, batch_size=args.batch_size,
+                               limit=args.limit, dtype=args.dtype, device=args.device)
+    except (InputError, MediaError) as e:
+        print(f"linmu eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate from a prompt with images / a video (streaming, TTFT, tokens/s)")
+    p.add_argument("--model", required=True, help="LinMU model directory, or a supported teacher checkpoint")
+    p.add_argument("--prompt", required=True, help="the question; <image> / <video> mark where media go")
+    p.add_argument("--video", help="video file (decoded with PyAV)")
+    p.add_argument("--image", nargs="+", action="extend", help="image file(s)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    frames = p.add_mutually_exclusive_group()
+    frames.add_argument("--num-frames", type=int, help="frames taken uniformly over the video")
+    frames.add_argument("--fps", type=float, help="frames per second to sample (default 2)")
+    p.add_argument("--max-frames", type=int, help="cap on the sampled frames (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--processor", help="directory with the tokenizer / preprocessor (default: --model)")
+    p.add_argument("--teacher", action="store_true", help="insist that --model is a teacher checkpoint")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model (--agreement: teacher-student KL, top-1, hidden error)")
+    p.add_argument("--agreement", action="store_true",
+                   help="teacher-student KL, top-1 agreement and per-layer hidden-state error on --data")
+    p.add_argument("--teacher", help="--agreement: teacher checkpoint directory")
+    p.add_argument("--model", help="--agreement: LinMU model directory (the student)")
+    p.add_argument("--data", help="--agreement: LLaVA-style JSON/JSONL file (grouped by each record's 'task')")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--output", help="also write the JSON report to this file")
+    p.add_argument("--tokens", choices=["answer", "nonpad"], default="answer",
+                   help="--agreement: positions scored (answer tokens, or every token)")
+    p.add_argument("--processor", help="--agreement: tokenizer / preprocessor directory (default: --teacher)")
+    p.add_argument("--media-root", help="--agreement: folder media paths are relative to (default: the data's)")
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--fps", type=float)
+    p.add_argument("--max-frames", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--limit", type=int, help="--agreement: only the first N records")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="linmu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_distill)
+    _add_generate_parser(sub)
+    _add_eval_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
