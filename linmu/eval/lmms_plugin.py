@@ -57,7 +57,8 @@ from loguru import logger as eval_logger
 from tqdm import tqdm
 
 from ..data.media import MediaError
-from ..inference.generate import InputError, Media, load_media, load_model, prompt_sample, to_model_inputs
+from ..inference.generate import (InputError, Media, load_media, load_model, prompt_sample, to_model_inputs,
+                                  video_sampling)
 
 MANIFEST = ModelManifest(model_id="linmu", simple_class_path="linmu.eval.lmms_plugin.LinMULmms")
 
@@ -166,6 +167,8 @@ class LinMULmms(lmms):
         if device in (None, "", "auto"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
         self._device = torch.device(device)
+        self.sampling = dict(num_frames=_opt(num_frames, int), fps=_opt(fps, float), max_frames=_opt(max_frames, int))
+        video_sampling(**self.sampling)  # option errors before the weights are read
         self.lm = load_model(pretrained, teacher=_teacher_arg(teacher), processor=_opt(processor, str), dtype=dtype,
                              device=self._device)
         self.processor = self.lm.processor
@@ -175,11 +178,8 @@ class LinMULmms(lmms):
                 setattr(self.processor, name, int(value))
         if system_prompt not in ("", None):
             self.processor.system_prompt = None if str(system_prompt).lower() == "none" else str(system_prompt)
-        self.sampling = dict(num_frames=_opt(num_frames, int), fps=_opt(fps, float), max_frames=_opt(max_frames, int))
-        from ..inference.generate import video_sampling
-
-        video_sampling(**self.sampling)  # option errors now, not at the first video
-        self.batch_size_per_gpu = max(1, int(_opt(batch_size, int) or 1))
+        bs = str(batch_size).strip()
+        self.batch_size_per_gpu = max(1, int(bs)) if bs.isdigit() else 1  # "auto" / None: one at a time
         self.max_new_tokens = int(max_new_tokens)
         self.max_length = _opt(max_length, int)
         self.strict = _as_bool(strict, "strict")
