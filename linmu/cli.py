@@ -133,8 +133,71 @@ def cmd_eval(args) -> int:
     """`linmu eval --agreement --teacher T --model S --data SPEC [--json]` (each mode of `linmu eval` is a flag)."""
     if args.agreement:
         return _eval_agreement(args)
-    print("linmu eval: error: choose what to evaluate, e.g. --agreement", file=sys.stderr)
+    if args.suite:
+        return _eval_suite(args)
+    print("linmu eval: error: choose what to evaluate: --agreement or --suite synthetic", file=sys.stderr)
     return 2
+
+
+def _eval_suite(args) -> int:
+    """`linmu eval --model DIR --suite synthetic --seed S --num-frames F --num-samples N [--json]`."""
+    import json
+
+    from linmu.demo.evaluate import accuracy
+    from linmu.demo.teacher import load_demo_teacher
+    from linmu.synthetic import chance_levels, make_split
+
+    if not args.model:
+        print("linmu eval --suite: error: needs --model DIR", file=sys.stderr)
+        return 2
+    try:
+        model, processor = load_demo_teacher(args.model) if not _is_linmu(args.model) else _load_student(args.model)
+    except (OSError, ValueError) as e:
+        print(f"linmu eval --suite: error: {e}", file=sys.stderr)
+        return 2
+    frames = args.num_frames or 16
+    examples = make_split("test", args.num_samples, frames, start=args.seed)
+    res = accuracy(model, processor, examples, batch_size=args.batch_size if args.batch_size > 1 else 16)
+    chance = chance_levels()
+    print(f"{args.model}: {len(examples)} synthetic test clips of {frames} frames (seed {args.seed})")
+    for task, acc in res["per_task"].items():
+        print(f"  {task:20s} {acc:6.3f}   (chance {chance[task]:.3f})")
+    print(f"  {'overall':20s} {res['accuracy']:6.3f}")
+    if args.json:
+        print(json.dumps({"accuracy": res["accuracy"], "per_task": res["per_task"], "n": res["n"],
+                          "num_frames": frames, "seed": args.seed}))
+    return 0
+
+
+def _is_linmu(path) -> bool:
+    from linmu.io import is_linmu_dir
+
+    return is_linmu_dir(path)
+
+
+def _load_student(path):
+    from transformers import AutoTokenizer
+
+    import linmu
+    from linmu.demo.teacher import demo_processor
+
+    model = linmu.load(path)
+    return model, demo_processor(model.config, AutoTokenizer.from_pretrained(str(path)))
+
+
+def cmd_demo(args) -> int:
+    """`linmu demo --out DIR [--quick] [--ablation NAME] [--retrain-teacher]`."""
+    import logging
+
+    from linmu.demo.pipeline import run_demo
+
+    logging.basicConfig(level=logging.WARNING)
+    report = run_demo(args.out, quick=args.quick, ablation=args.ablation, retrain_teacher=args.retrain_teacher,
+                      log=lambda m: print(m, flush=True))
+    acc = report["accuracy"]
+    for n in acc["teacher"]:
+        print(f"{n} frames: teacher {acc['teacher'][n]['accuracy']:.3f}, student {acc['student'][n]['accuracy']:.3f}")
+    return 0
 
 
 def _eval_agreement(args) -> int:
@@ -204,6 +267,9 @@ def _add_eval_parser(sub) -> None:
     p.add_argument("--max-length", type=int)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--limit", type=int, help="--agreement: only the first N records")
+    p.add_argument("--suite", choices=["synthetic"], help="accuracy of --model on a fresh synthetic test set")
+    p.add_argument("--seed", type=int, default=0, help="--suite: offset into the test split's seeds")
+    p.add_argument("--num-samples", type=int, default=140, help="--suite: number of clips (tasks round-robin)")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_eval)
@@ -239,6 +305,14 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_distill)
     _add_generate_parser(sub)
     _add_eval_parser(sub)
+    from linmu.demo.pipeline import ABLATIONS
+
+    p = sub.add_parser("demo", help="the embedded default: synthetic world, tiny teacher, 3 stages, eval, speed")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quick", action="store_true", help="a minutes-long version (CI)")
+    p.add_argument("--ablation", default="none", choices=list(ABLATIONS))
+    p.add_argument("--retrain-teacher", action="store_true", help="train the teacher here instead of the shipped one")
+    p.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -44,7 +44,7 @@ class DemoSettings:
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        return cls(n_train=96, n_test=48, steps=(6, 6, 6), batch_size=8, lengths=(16, 64, 128), decode_tokens=8)
+        return cls(n_train=64, n_test=28, steps=(4, 4, 4), batch_size=8, lengths=(16, 64), decode_tokens=8)
 
 
 class SyntheticSet(torch.utils.data.Dataset):
