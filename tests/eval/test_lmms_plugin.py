@@ -82,7 +82,8 @@ def test_manifest_registers_the_class():
     assert reg.get_model_class("linmu") is LinMULmms and LinMULmms.is_simple
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert project["entry-points"]["lmms_eval.models"]["linmu"] == "linmu.eval.lmms_plugin:MANIFEST"
-    assert any(r.startswith("lmms-eval") for r in project["optional-dependencies"]["eval"])
+    # lmms-eval itself installs with --no-deps (its pins are heavy); the extra holds what its CLI needs
+    assert {"loguru", "evaluate", "sacrebleu"} <= set(project["optional-dependencies"]["eval"])
 
 
 def test_teacher_and_student_generate_until(ws):
