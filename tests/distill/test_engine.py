@@ -42,6 +42,12 @@ def test_trainable_sets_are_exactly_the_intended_parameters(teacher):
     assert all(".mlp." in n for n in trainable if "lora_" in n)  # MLPs by default
     assert not any("visual" in n for n in trainable)
     assert counts["lora"] > 0 and counts["norms"] > 0
+    # the one-stage ablation: stage 3 also trains every M-MATE parameter
+    cfg = DistillConfig(stage=3, lora_r=2, lora_alpha=4, stage3_mmate=True)
+    peft_model, counts = _prepare_student(cfg, teacher, linmu.convert(teacher, linmu.MMateConfig(**MMATE)))
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert set(counts) == {"lora", "norms", "flex", "swin", "fusion"}
+    assert any(".self_attn.flex.A_log_fwd" in n for n in trainable) and any("w_swin" in n for n in trainable)
 
 
 @pytest.mark.parametrize("stage,extra", [(1, {}), (1, {"stage1_swin": "absent", "w_kd": 0.5}), (2, {}),
