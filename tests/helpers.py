@@ -62,3 +62,33 @@ def random_rope(batch: int, seq_len: int, head_dim: int, dtype=torch.float32, of
     f = torch.outer(pos, inv)
     emb = torch.cat([f, f], -1)
     return emb.cos().to(dtype).expand(batch, -1, -1), emb.sin().to(dtype).expand(batch, -1, -1)
+
+
+WORDS = "what color is the shape how many times did it blink red green blue square circle one two three".split()
+
+
+def write_tiny_workspace(root, seed: int, students: tuple[str, ...] = (), media_seed: int = 0,
+                         video_frames: int | None = 8):
+    """A tiny Qwen2-VL teacher with an offline tokenizer in ``root/teacher``, its LinMU conversions
+    (``"identity"`` and/or ``"student"`` = default M-MATE with small windows, no tokenizer), ``a.png`` and
+    ``clip.mp4`` (56x56 frames at 4 fps) under ``root``. Returns the tokenizer."""
+    import numpy as np
+    from PIL import Image
+
+    import linmu
+    from linmu.data import build_tokenizer, write_test_video
+    from linmu.tiny import tiny_qwen2_vl
+
+    tok = build_tokenizer(texts=[" ".join(WORDS)])
+    teacher = tiny_qwen2_vl(seed=seed, tokenizer=tok)
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    configs = {"identity": linmu.MMateConfig.identity(),
+               "student": linmu.MMateConfig(window=(2, 2, 2), text_window=8)}
+    for name in students:
+        linmu.convert(teacher, configs[name]).save_pretrained(root / name)
+    rng = np.random.default_rng(media_seed)
+    Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(root / "a.png")
+    if video_frames:
+        write_test_video(root / "clip.mp4", rng.integers(0, 255, (video_frames, 56, 56, 3), dtype=np.uint8), fps=4)
+    return tok

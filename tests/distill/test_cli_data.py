@@ -2,29 +2,19 @@
 
 import json
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 import linmu
 from linmu.cli import main
-from linmu.data import build_tokenizer, write_test_video
-from linmu.tiny import tiny_qwen2_vl
 
-WORDS = "what color is the shape how many times did it blink red green blue square circle one two three".split()
+from tests.helpers import WORDS, write_tiny_workspace
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("distill_files")
-    tok = build_tokenizer(texts=[" ".join(WORDS)])
-    teacher = tiny_qwen2_vl(seed=2, tokenizer=tok)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(root / "a.png")
-    write_test_video(root / "v.mp4", rng.integers(0, 255, (6, 56, 56, 3), dtype=np.uint8), fps=4)
+    write_tiny_workspace(root, seed=2, media_seed=0, video_frames=6)
+    (root / "clip.mp4").rename(root / "v.mp4")
     (root / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(200))
     good = [
         {"id": "img", "image": "a.png", "conversations": [

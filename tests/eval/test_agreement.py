@@ -2,18 +2,14 @@
 
 import json
 
-import numpy as np
 import pytest
-from PIL import Image
 
-import linmu
 from linmu.cli import main
-from linmu.data import build_tokenizer, load_conversations, write_test_video
+from linmu.data import load_conversations
 from linmu.eval.agreement import agreement, run_agreement
 from linmu.inference.generate import InputError, load_model
-from linmu.tiny import tiny_qwen2_vl
 
-WORDS = "what color is the shape how many times did it blink red green blue square circle one two three".split()
+from tests.helpers import write_tiny_workspace
 
 
 def _conv(q, a):
@@ -23,15 +19,7 @@ def _conv(q, a):
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("agreement")
-    tok = build_tokenizer(texts=[" ".join(WORDS)])
-    teacher = tiny_qwen2_vl(seed=5, tokenizer=tok)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    linmu.convert(teacher, linmu.MMateConfig.identity()).save_pretrained(root / "identity")
-    linmu.convert(teacher, linmu.MMateConfig(window=(2, 2, 2), text_window=8)).save_pretrained(root / "student")
-    rng = np.random.default_rng(1)
-    Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(root / "a.png")
-    write_test_video(root / "clip.mp4", rng.integers(0, 255, (8, 56, 56, 3), dtype=np.uint8), fps=4)
+    write_tiny_workspace(root, seed=5, students=("identity", "student"), media_seed=1)
     records = [
         {"id": "i1", "task": "textvqa", "image": "a.png", "conversations": _conv("<image>\nwhat color", "red square")},
         {"id": "v1", "task": "videomme", "video": "clip.mp4", "conversations": _conv("<video>\nhow many", "two")},

@@ -21,26 +21,16 @@ from PIL import Image
 pytest.importorskip("lmms_eval")
 pytest.importorskip("loguru")
 
-import linmu  # noqa: E402
-from linmu.data import build_tokenizer, write_test_video  # noqa: E402
 from linmu.inference.generate import InputError, generate  # noqa: E402
-from linmu.tiny import tiny_qwen2_vl  # noqa: E402
+from tests.helpers import write_tiny_workspace  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = "what color is the shape how many times did it blink red green blue square circle one two three".split()
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms")
-    tok = build_tokenizer(texts=[" ".join(WORDS)])
-    teacher = tiny_qwen2_vl(seed=7, tokenizer=tok)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    linmu.convert(teacher, linmu.MMateConfig(window=(2, 2, 2), text_window=8)).save_pretrained(root / "student")
-    rng = np.random.default_rng(2)
-    Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(root / "a.png")
-    write_test_video(root / "clip.mp4", rng.integers(0, 255, (8, 56, 56, 3), dtype=np.uint8), fps=4)
+    write_tiny_workspace(root, seed=7, students=("student",), media_seed=2)
     docs = [dict(image=str(root / "a.png"), video=None, question="what color is the shape", answer="red",
                  choices=["red", "green", "blue"], label=0),
             dict(image=None, video=str(root / "clip.mp4"), question="how many times did it blink", answer="two",

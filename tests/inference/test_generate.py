@@ -6,35 +6,22 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-import linmu
 from linmu.cli import main
-from linmu.data import MediaError, build_tokenizer, write_test_video
+from linmu.data import MediaError
 from linmu.inference.generate import (InputError, generate, inspect_model_dir, load_media, load_model,
                                       video_sampling)
-from linmu.tiny import tiny_qwen2_vl
 
-WORDS = "what color is the shape how many times did it blink red green blue square circle one two three".split()
+from tests.helpers import write_tiny_workspace
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A teacher with its tokenizer, its LinMU model (identity and default settings, no tokenizer) and media."""
     root = tmp_path_factory.mktemp("generate")
-    tok = build_tokenizer(texts=[" ".join(WORDS)])
-    teacher = tiny_qwen2_vl(seed=3, tokenizer=tok)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    linmu.convert(teacher, linmu.MMateConfig.identity()).save_pretrained(root / "identity")
-    linmu.convert(teacher, linmu.MMateConfig(window=(2, 2, 2), text_window=8)).save_pretrained(root / "student")
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(root / "a.png")
-    # 8 frames of 56x56 at 4 fps: a 2-second clip written with PyAV (mpeg4)
-    write_test_video(root / "clip.mp4", rng.integers(0, 255, (8, 56, 56, 3), dtype=np.uint8), fps=4)
+    write_tiny_workspace(root, seed=3, students=("identity", "student"), media_seed=0)
     return root
 
 
