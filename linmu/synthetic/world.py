@@ -77,30 +77,24 @@ class Track:
 
     def white_runs(self) -> list[tuple[int, int]]:
         """Maximal runs ``(start, end)`` (end exclusive) of visible white frames: the flashes (or the cue)."""
-        on = (self.colour == WHITE_ID) & (self.cell >= 0)
-        runs, t, n = [], 0, len(on)
-        while t < n:
-            if on[t]:
-                s = t
-                while t < n and on[t]:
-                    t += 1
-                runs.append((s, t))
-            else:
-                t += 1
-        return runs
+        return _runs((self.colour == WHITE_ID) & (self.cell >= 0))
 
     def visible_runs(self) -> list[tuple[int, int]]:
-        on = self.cell >= 0
-        runs, t, n = [], 0, len(on)
-        while t < n:
-            if on[t]:
-                s = t
-                while t < n and on[t]:
-                    t += 1
-                runs.append((s, t))
-            else:
+        return _runs(self.cell >= 0)
+
+
+def _runs(on) -> list[tuple[int, int]]:
+    """Maximal runs of True in a 1-D boolean array, as ``(start, end)`` pairs (end exclusive)."""
+    runs, t, n = [], 0, len(on)
+    while t < n:
+        if on[t]:
+            s = t
+            while t < n and on[t]:
                 t += 1
-        return runs
+            runs.append((s, t))
+        else:
+            t += 1
+    return runs
 
 
 @dataclass
