@@ -129,6 +129,13 @@ class TokenLayout:
         layout = cls(batch_size, seq_len, spans, is_visual, span_index, thw, grid, span_start, key_valid)
         return layout.to(device) if device is not None else layout
 
+    @staticmethod
+    def key_valid_from(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A transformers 2-D attention mask (1 = token, 0 = padding) as ``key_valid``; None when nothing is padded."""
+        if attention_mask is None or bool(attention_mask.all()):
+            return None
+        return attention_mask.bool()
+
     @classmethod
     def text_only(cls, batch_size: int, seq_len: int, key_valid=None, device=None) -> "TokenLayout":
         return cls.from_spans(batch_size, seq_len, [], key_valid=key_valid, device=device)

@@ -91,7 +91,7 @@ def internvl_layout(input_ids: torch.Tensor, image_token_id: int, tile_side: int
     if num_tiles is not None and num_tiles != len(spans):
         raise ValueError(f"the model received {num_tiles} image tiles but input_ids hold {len(spans)} tiles of "
                          f"{n} image tokens: grid metadata does not match input_ids")
-    key_valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+    key_valid = TokenLayout.key_valid_from(attention_mask)
     return TokenLayout.from_spans(B, L, spans, key_valid=key_valid, device=input_ids.device)
 
 

@@ -154,7 +154,7 @@ def llava_onevision_layout(input_ids: torch.Tensor, config, image_sizes=None, ba
         if used[kind] != len(items[kind]):
             raise ValueError(f"{meta} describe {len(items[kind])} {kind}s but input_ids hold {used[kind]}: "
                              "grid metadata does not match input_ids")
-    key_valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+    key_valid = TokenLayout.key_valid_from(attention_mask)
     return TokenLayout.from_spans(B, L, spans, key_valid=key_valid, device=input_ids.device)
 
 

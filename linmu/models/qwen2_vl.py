@@ -59,7 +59,7 @@ def qwen_layout(input_ids: torch.Tensor, image_token_id: int, video_token_id: in
         if used[kind] != len(grids[kind]):
             raise ValueError(f"{kind}_grid_thw has {len(grids[kind])} rows but input_ids hold {used[kind]} "
                              f"{kind}s: grid metadata does not match input_ids")
-    key_valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+    key_valid = TokenLayout.key_valid_from(attention_mask)
     return TokenLayout.from_spans(B, L, spans, key_valid=key_valid, device=input_ids.device)
 
 

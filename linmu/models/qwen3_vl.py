@@ -117,7 +117,7 @@ def qwen3_vl_layout(input_ids: torch.Tensor, image_token_id: int, video_token_id
     if n_frame != len(frames):
         raise ValueError(f"video_grid_thw describes {len(frames)} frames but input_ids hold {n_frame} frame runs: "
                          "grid metadata does not match input_ids")
-    key_valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+    key_valid = TokenLayout.key_valid_from(attention_mask)
     return TokenLayout.from_spans(B, L, spans, key_valid=key_valid, device=input_ids.device)
 
 

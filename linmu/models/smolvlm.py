@@ -67,7 +67,7 @@ def smolvlm_layout(input_ids: torch.Tensor, image_token_id: int, image_seq_len: 
     if num_tiles is not None and int(num_tiles) != len(spans):
         raise ValueError(f"the vision inputs hold {int(num_tiles)} tiles but input_ids hold {len(spans)} tiles of "
                          f"{n} image tokens: grid metadata does not match input_ids")
-    key_valid = attention_mask.bool() if attention_mask is not None and not bool(attention_mask.all()) else None
+    key_valid = TokenLayout.key_valid_from(attention_mask)
     return TokenLayout.from_spans(B, L, spans, key_valid=key_valid, device=input_ids.device)
 
 
