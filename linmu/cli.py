@@ -275,6 +275,84 @@ def _add_eval_parser(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
+def cmd_bench(args) -> int:
+    """`linmu bench --preset NAME | --model DIR [--tokens LIST | --frames LIST --resolution HxW] --out FILE`."""
+    import json
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    from linmu.bench.harness import (BenchError, BenchOptions, format_table, parse_int_list, parse_resolution,
+                                     run_bench, summary_line)
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        opts = BenchOptions(
+            preset=args.preset, model=args.model, layers=args.layers,
+            tokens=parse_int_list(args.tokens, "--tokens") if args.tokens else None,
+            frames=parse_int_list(args.frames, "--frames") if args.frames else None,
+            resolution=parse_resolution(args.resolution), device=args.device, dtype=args.dtype,
+            cuda_graphs=args.cuda_graphs, decode=args.decode, decode_steps=args.decode_steps, repeats=args.repeats,
+            warmup=args.warmup, max_seconds=args.max_seconds, max_batch=args.max_batch, memory_gib=args.memory_gib,
+            seed=args.seed)
+        result = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except BenchError as e:
+        print(f"linmu bench: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(f"wrote {out}")
+        png = Path(args.plot) if args.plot else out.with_suffix(".png")
+        try:
+            from linmu.bench.plot import plot_result
+
+            print(f"wrote {plot_result(result, png)}")
+        except ImportError:
+            print("no plot: matplotlib is not installed (pip install -e '.[demo]')", file=sys.stderr)
+    print(json.dumps(summary_line(result)))
+    return 0
+
+
+def _add_bench_parser(sub) -> None:
+    import argparse
+
+    from linmu.bench.presets import PRESETS
+
+    p = sub.add_parser("bench", help="teacher vs LinMU vs no-attention floor: TTFT, decode tokens/s, memory, cache",
+                       description="Measure the teacher, its LinMU student and the floor (teacher with attention "
+                                   "skipped) side by side on one device in one dtype; print a table, write JSON and a "
+                                   "plot, and print one JSON line of ratios last. docs/BENCHMARKS.md.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", choices=list(PRESETS), help="model shape built with random weights on the device")
+    src.add_argument("--model", help="teacher checkpoint or LinMU model directory (Qwen2-VL / Qwen2.5-VL)")
+    p.add_argument("--layers", type=int, help="presets: time only this many decoder layers (e.g. for 72B)")
+    lengths = p.add_mutually_exclusive_group()
+    lengths.add_argument("--tokens", help="context lengths, e.g. 8192,16384 or 8K,128K (default 8K..256K): text, "
+                                          "one video span, text")
+    lengths.add_argument("--frames", help="video frames through the vision tower, e.g. 64,256 (see --resolution)")
+    p.add_argument("--resolution", default="448x448", help="--frames: frame size HxW in pixels (default 448x448)")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32; same for all models")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture one decode step of both models in a CUDA graph (default: on with CUDA)")
+    p.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True, help="measure decode (default on)")
+    p.add_argument("--decode-steps", type=int, default=16, help="timed consecutive decode steps per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before each prefill measurement")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="stop repeating a prefill measurement once its runs took this long (at least one run)")
+    p.add_argument("--max-batch", type=int, help="cap of the largest-batch search (default 4096 on CUDA, 4 on CPU)")
+    p.add_argument("--memory-gib", type=float, help="memory budget of the batch search (default: free memory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the full result as JSON here (and the plot beside it, .png)")
+    p.add_argument("--plot", help="PNG path of the plot (default: --out with .png)")
+    p.set_defaults(func=cmd_bench)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="linmu", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -305,6 +383,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_distill)
     _add_generate_parser(sub)
     _add_eval_parser(sub)
+    _add_bench_parser(sub)
     from linmu.demo.pipeline import ABLATIONS
 
     p = sub.add_parser("demo", help="the embedded default: synthetic world, tiny teacher, 3 stages, eval, speed")
