@@ -292,7 +292,9 @@ def cmd_bench(args) -> int:
             preset=args.preset, model=args.model, layers=args.layers,
             tokens=parse_int_list(args.tokens, "--tokens") if args.tokens else None,
             frames=parse_int_list(args.frames, "--frames") if args.frames else None,
-            resolution=parse_resolution(args.resolution), device=args.device, dtype=args.dtype,
+            resolution=parse_resolution(args.resolution),
+            frame_tokens=parse_resolution(args.frame_tokens, "--frame-tokens", "16x16") if args.frame_tokens else None,
+            device=args.device, dtype=args.dtype,
             cuda_graphs=args.cuda_graphs, decode=args.decode, decode_steps=args.decode_steps, repeats=args.repeats,
             warmup=args.warmup, max_seconds=args.max_seconds, max_batch=args.max_batch, memory_gib=args.memory_gib,
             seed=args.seed)
@@ -335,6 +337,8 @@ def _add_bench_parser(sub) -> None:
                                           "one video span, text")
     lengths.add_argument("--frames", help="video frames through the vision tower, e.g. 64,256 (see --resolution)")
     p.add_argument("--resolution", default="448x448", help="--frames: frame size HxW in pixels (default 448x448)")
+    p.add_argument("--frame-tokens", help="--tokens: visual tokens per frame HxW after merging (default: the "
+                                          "preset's, 16x16 for real shapes)")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32; same for all models")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,

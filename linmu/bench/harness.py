@@ -55,6 +55,7 @@ class BenchOptions:
     tokens: tuple[int, ...] | None = None  # context lengths (tokens mode) ...
     frames: tuple[int, ...] | None = None  # ... or video frames through the vision tower (frames mode)
     resolution: tuple[int, int] = (448, 448)  # frames mode: frame height x width in pixels
+    frame_tokens: tuple[int, int] | None = None  # tokens mode: visual tokens per frame (h, w); default the preset's
     device: str | None = None  # default: cuda when available
     dtype: str = "bfloat16"
     cuda_graphs: bool | None = None  # default: on for CUDA, off on CPU
@@ -95,15 +96,15 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def parse_resolution(text: str) -> tuple[int, int]:
+def parse_resolution(text: str, what: str = "--resolution", example: str = "448x448") -> tuple[int, int]:
+    """``"448x448"`` -> (448, 448). Raises BenchError otherwise."""
     s = str(text).lower().replace("*", "x")
-    parts = s.split("x")
     try:
-        h, w = (int(p) for p in parts)
+        h, w = (int(p) for p in s.split("x"))
     except ValueError:
-        raise BenchError(f"--resolution must look like HxW (e.g. 448x448), got {text!r}") from None
+        raise BenchError(f"{what} must look like HxW (e.g. {example}), got {text!r}") from None
     if h <= 0 or w <= 0:
-        raise BenchError(f"--resolution must be positive, got {text!r}")
+        raise BenchError(f"{what} must be positive, got {text!r}")
     return h, w
 
 
@@ -463,7 +464,7 @@ def run_bench(o: BenchOptions, log=lambda msg: None) -> dict:
     frames_mode = o.frames is not None
     teacher, make_student, source = _load_models(o, device, dtype, log)
     cfg = teacher.config
-    frame_hw = PRESETS[o.preset].frame_hw if o.preset is not None else (16, 16)
+    frame_hw = o.frame_tokens or (PRESETS[o.preset].frame_hw if o.preset is not None else (16, 16))
     points = o.frames if frames_mode else (o.tokens or DEFAULT_TOKENS)
     # build every input first: a bad length fails before any timing
     inputs = []
