@@ -88,7 +88,7 @@ class LocalSwin(nn.Module):
             key = "text"
             ids = layout.memo(("text_ids",), lambda: torch.full(
                 (layout.batch_size, layout.seq_len), -1, dtype=torch.long, device=layout.device))
-        part = layout.memo(("partition", key), lambda: build_window_partition(ids))
+        part = layout.memo(("partition", key), lambda: build_window_partition(ids, layout.key_valid))
         return ids, part
 
     def forward(self, u: torch.Tensor, layout: TokenLayout, position_embeddings, return_state: bool = False,
@@ -108,26 +108,34 @@ class LocalSwin(nn.Module):
         core = out.flatten(-2)
         if not return_state:
             return core
-        return core, self._prefill_state(k, v, layout.key_valid, state_capacity)
+        return core, self._prefill_state(lambda pos: (k[:, pos], v[:, pos]), k.shape, k.dtype, layout.key_valid,
+                                         state_capacity)
 
-    def _prefill_state(self, k, v, key_valid, capacity):
+    def _prefill_state(self, kv_at, shape, dtype, key_valid, capacity):
+        """Decode state after a prompt of ``shape = (B, L, Hkv, D)``; ``kv_at(pos)`` gives the rotated keys and the
+        values of the positions ``pos`` (1-D long), each (B, len(pos), Hkv, D)."""
         cfg = self.config
-        B, L, G, D = k.shape
+        B, L, G, D = shape
+        dev = key_valid.device if key_valid is not None else self.k_proj.weight.device
         ring = min(cfg.text_window, capacity) if capacity is not None else cfg.text_window
         if ring < cfg.text_window and L > ring:
             raise ValueError(f"prompt of {L} tokens exceeds the decode state capacity {ring}")
-        valid = key_valid if key_valid is not None else torch.ones(B, L, dtype=torch.bool, device=k.device)
+        valid = key_valid if key_valid is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
         S = cfg.n_sink + ring
-        kc = k.new_zeros(B, S, G, D)
-        vc = v.new_zeros(B, S, G, D)
-        vv = torch.zeros(B, S, dtype=torch.bool, device=k.device)
+        kc = torch.zeros(B, S, G, D, dtype=dtype, device=dev)
+        vc = torch.zeros(B, S, G, D, dtype=dtype, device=dev)
+        vv = torch.zeros(B, S, dtype=torch.bool, device=dev)
         ns = min(cfg.n_sink, L)
-        kc[:, :ns], vc[:, :ns], vv[:, :ns] = k[:, :ns], v[:, :ns], valid[:, :ns]
+        if ns > 0:
+            s = torch.arange(ns, device=dev)
+            kc[:, :ns], vc[:, :ns] = kv_at(s)
+            vv[:, :ns] = valid[:, :ns]
         # the last `ring` positions p go to slot n_sink + p % ring, as step() will continue to write them
-        p = torch.arange(max(0, L - ring), L, device=k.device)
+        p = torch.arange(max(0, L - ring), L, device=dev)
         slot = cfg.n_sink + p % ring
-        kc[:, slot], vc[:, slot], vv[:, slot] = k[:, p], v[:, p], valid[:, p]
-        return SwinState(kc, vc, vv, torch.tensor(L, dtype=torch.long, device=k.device))
+        kc[:, slot], vc[:, slot] = kv_at(p)
+        vv[:, slot] = valid[:, p]
+        return SwinState(kc, vc, vv, torch.tensor(L, dtype=torch.long, device=dev))
 
     def step(self, u: torch.Tensor, state: SwinState, position_embeddings) -> tuple[torch.Tensor, SwinState]:
         """u (B, 1, hidden), a new text token at ``state.pos`` -> core (B, 1, H*D), new state. No host sync."""

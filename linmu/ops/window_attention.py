@@ -22,8 +22,11 @@ Implementations:
   O(L^2); for tests only.
 * ``"sdpa"`` (the default, ``"auto"``): O(L x window) time and memory, forward and backward, CPU and GPU, built on
   ``torch.nn.functional.scaled_dot_product_attention``. Visual tokens are gathered window by window
-  (:func:`build_window_partition`), text queries use a blocked sliding window. No L x L tensor is ever built
-  when ``text_window < L``.
+  (:func:`build_window_partition`) and windows of equal size are batched into one *unmasked* SDPA call each (so
+  the flash kernel runs on GPU; GQA through ``enable_gqa``, no repeated keys). Text queries use a blocked causal
+  sliding window, computed only for the blocks that hold a text query. No L x L tensor is ever built when
+  ``text_window < L``. With sinks, or when a visual token is a padding key, the visual windows take a masked
+  SDPA path instead (same result, slower).
 
 :func:`window_decode_attention` is the one-token decode step of a text query against a ring buffer of keys.
 
@@ -32,7 +35,7 @@ Nothing here imports transformers or defines an ``nn.Module``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +46,7 @@ __all__ = [
     "build_window_partition",
     "window_attention_mask",
     "local_window_attention",
+    "window_attention_sorted",
     "window_decode_attention",
 ]
 
@@ -77,6 +81,15 @@ class WindowPartition:
     * ``is_visual``: (B, L) bool, ``window_id >= 0``.
     * ``batch_size``, ``seq_len``, ``max_window`` (= Wmax), ``num_windows`` (= nW), ``num_visual`` (= nV),
       ``num_text`` (number of tokens with ``window_id == -1``): Python ints.
+    * ``order``: (nV,) long, flat token indices of the visual tokens with the windows grouped by size: group
+      ``(c, n, off)`` of ``groups`` holds ``n`` windows of ``c`` tokens each at ``order[off : off + n * c]``,
+      window after window, positions increasing inside a window.
+    * ``groups``: tuple of ``(size, num_windows, offset)`` Python ints, one per distinct window size.
+    * ``token_order``: (B * L,) long, ``order`` followed by the text tokens' flat indices (increasing): the row
+      order of the window-sorted tensors that :func:`window_attention_sorted` takes.
+    * ``token_row``: (B * L,) long, inverse of ``token_order`` (row of each flat token in that order).
+    * ``visual_keys_valid``: True / False when built with ``key_valid`` (whether every visual token is a valid
+      key, the condition of the unmasked window path), None when built without.
     """
 
     index: torch.Tensor
@@ -94,6 +107,13 @@ class WindowPartition:
     num_windows: int
     num_visual: int
     num_text: int
+    order: torch.Tensor
+    groups: tuple[tuple[int, int, int], ...]
+    token_order: torch.Tensor
+    token_row: torch.Tensor
+    visual_keys_valid: bool | None = None
+    # host-side results derived once per partition (e.g. the text blocks of a text window); not part of equality
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def _check_window_id(window_id: torch.Tensor) -> None:
@@ -105,12 +125,14 @@ def _check_window_id(window_id: torch.Tensor) -> None:
         raise TypeError(f"window_id must be an integer tensor, got {window_id.dtype}")
 
 
-def build_window_partition(window_id: torch.Tensor) -> WindowPartition:
+def build_window_partition(window_id: torch.Tensor, key_valid: torch.Tensor | None = None) -> WindowPartition:
     """Group the visual tokens of ``window_id`` by window.
 
     Args:
         window_id: (B, L) integer tensor; ``-1`` = text token, ``>= 0`` = id of the token's visual window (unique
             within a row; tokens of one window may be scattered over the sequence).
+        key_valid: optional (B, L) bool padding mask, only read to record ``visual_keys_valid`` (so that
+            attention calls given this partition need no host sync to choose the unmasked window path).
 
     Returns:
         A :class:`WindowPartition`. Building it syncs with the host (unique / counts / max); reuse it across the
@@ -134,9 +156,15 @@ def build_window_partition(window_id: torch.Tensor) -> WindowPartition:
 
     # Flat token indices (b * L + pos) of the visual tokens, in (b, pos) order.
     vis_token = is_visual.reshape(-1).nonzero().squeeze(1)
+    text_token = (~is_visual).reshape(-1).nonzero().squeeze(1)
     num_visual = int(vis_token.numel())
     num_text = B * L - num_visual
     long_kw = dict(dtype=torch.long, device=device)
+    visual_keys_valid = None
+    if key_valid is not None:
+        if key_valid.shape != window_id.shape:
+            raise ValueError(f"key_valid shape {tuple(key_valid.shape)} != window_id shape {tuple(window_id.shape)}")
+        visual_keys_valid = bool((key_valid.to(device).bool() | ~is_visual).all())
     if num_visual == 0:
         empty2 = torch.empty(0, 0, **long_kw)
         empty1 = torch.empty(0, **long_kw)
@@ -145,6 +173,8 @@ def build_window_partition(window_id: torch.Tensor) -> WindowPartition:
             slot_valid=torch.empty(0, 0, dtype=torch.bool, device=device), flat_index=empty2,
             vis_slot=empty1, vis_token=vis_token, is_visual=is_visual,
             batch_size=B, seq_len=L, max_window=0, num_windows=0, num_visual=0, num_text=num_text,
+            order=empty1, groups=(), token_order=text_token, token_row=text_token.clone(),
+            visual_keys_valid=visual_keys_valid,
         )
 
     vb = vis_token // L
@@ -170,11 +200,28 @@ def build_window_partition(window_id: torch.Tensor) -> WindowPartition:
     slot_valid = index >= 0
     flat_index = batch[:, None] * L + index.clamp(min=0)
     vis_slot = win_of * max_window + slot
+
+    # Windows grouped by size (stable: by row, then id inside a size), for one unmasked SDPA call per size.
+    by_size = torch.sort(counts, stable=True).indices
+    sorted_order = flat_index[by_size][slot_valid[by_size]]  # (nV,) window after window
+    sizes = counts[by_size].tolist()
+    groups, off, i = [], 0, 0
+    while i < len(sizes):
+        j = i
+        while j < len(sizes) and sizes[j] == sizes[i]:
+            j += 1
+        groups.append((sizes[i], j - i, off))
+        off += sizes[i] * (j - i)
+        i = j
+    token_order = torch.cat([sorted_order, text_token])
+    token_row = torch.empty_like(token_order)
+    token_row[token_order] = torch.arange(B * L, **long_kw)
     return WindowPartition(
         index=index, batch=batch, window_ids=window_ids, counts=counts, slot_valid=slot_valid,
         flat_index=flat_index, vis_slot=vis_slot, vis_token=vis_token[order], is_visual=is_visual,
         batch_size=B, seq_len=L, max_window=max_window, num_windows=num_windows, num_visual=num_visual,
-        num_text=num_text,
+        num_text=num_text, order=sorted_order, groups=tuple(groups), token_order=token_order,
+        token_row=token_row, visual_keys_valid=visual_keys_valid,
     )
 
 
@@ -291,18 +338,27 @@ def _sdpa_grouped(qg, kg, vg, mask, scale):
     return out * has_key[:, None, None, :, None].to(out.dtype)
 
 
-def _visual_part(q, k, v, window_id, part: WindowPartition, n_sink, key_valid, scale):
-    """Attention of every visual token inside its window (+ sinks). Returns (nV, Hq, D) in the order of
-    ``part.vis_token``."""
-    B, L, Hq, D = q.shape
-    Hkv = k.shape[2]
+def _rows(t: torch.Tensor, flat: torch.Tensor, remap: torch.Tensor | None) -> torch.Tensor:
+    """Rows of the flat token indices ``flat`` from ``t`` (rows in token order, or in ``remap`` order)."""
+    return t.index_select(0, flat if remap is None else remap.index_select(0, flat))
+
+
+def _visual_masked_into(out, q, k, v, remap, window_id, part: WindowPartition, n_sink, key_valid, scale):
+    """Visual tokens inside their window (+ sinks) with a per-window key mask; written into ``out`` rows.
+
+    q: (N, Hq, D) rows of every token, k/v: (N, Hkv, D), in flat token order or, with ``remap``, at row
+    ``remap[b * L + pos]``. Used with sinks or padding keys inside windows; same result as the grouped path.
+    """
+    B, L = window_id.shape
+    Hq, D = q.shape[1:]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     nW, Wm = part.num_windows, part.max_window
     flat = part.flat_index.reshape(-1)
     # Gather window slots: (nW, Wm, H, D); padding slots read a real token and are masked out below.
-    qw = q.reshape(B * L, Hq, D).index_select(0, flat).reshape(nW, Wm, Hkv, G, D)
-    kw = k.reshape(B * L, Hkv, D).index_select(0, flat).reshape(nW, Wm, Hkv, D)
-    vw = v.reshape(B * L, Hkv, D).index_select(0, flat).reshape(nW, Wm, Hkv, D)
+    qw = _rows(q, flat, remap).reshape(nW, Wm, Hkv, G, D)
+    kw = _rows(k, flat, remap).reshape(nW, Wm, Hkv, D)
+    vw = _rows(v, flat, remap).reshape(nW, Wm, Hkv, D)
 
     # Keys of the window: real slots whose token is not padding. Same for every query of the window.
     kmask = part.slot_valid
@@ -314,8 +370,8 @@ def _visual_part(q, k, v, window_id, part: WindowPartition, n_sink, key_valid, s
     if ns > 0:
         # Sinks: the first ns tokens of the window's row, appended as extra keys.
         sflat = (part.batch[:, None] * L + torch.arange(ns, device=q.device)[None]).reshape(-1)  # (nW*ns,)
-        ks = k.reshape(B * L, Hkv, D).index_select(0, sflat).reshape(nW, ns, Hkv, D)
-        vs = v.reshape(B * L, Hkv, D).index_select(0, sflat).reshape(nW, ns, Hkv, D)
+        ks = _rows(k, sflat, remap).reshape(nW, ns, Hkv, D)
+        vs = _rows(v, sflat, remap).reshape(nW, ns, Hkv, D)
         kw = torch.cat([kw, ks], dim=1)
         vw = torch.cat([vw, vs], dim=1)
         spos = torch.arange(ns, device=q.device)
@@ -327,69 +383,105 @@ def _visual_part(q, k, v, window_id, part: WindowPartition, n_sink, key_valid, s
         mask = torch.cat([mask, smask], dim=-1)
 
     qg = qw.permute(0, 2, 3, 1, 4)  # (nW, Hkv, G, Wm, D)
-    out = _sdpa_grouped(qg, kw.transpose(1, 2), vw.transpose(1, 2), mask, scale)
-    out = out.permute(0, 3, 1, 2, 4).reshape(nW * Wm, Hq, D)
-    return out.index_select(0, part.vis_slot)
+    o = _sdpa_grouped(qg, kw.transpose(1, 2), vw.transpose(1, 2), mask, scale)
+    o = o.permute(0, 3, 1, 2, 4).reshape(nW * Wm, Hq, D)
+    out.index_copy_(0, part.vis_token, o.index_select(0, part.vis_slot).to(out.dtype))
 
 
-def _text_part(q, k, v, text_window, n_sink, key_valid, scale):
-    """Blocked causal sliding window for all queries. Returns (B, L, Hq, D).
+def _visual_grouped_into(out, qv, kv, vv, part: WindowPartition, scale):
+    """Visual tokens inside their window, one unmasked SDPA call per window size; written into ``out`` rows.
+
+    qv: (nV, Hq, D), kv/vv: (nV, Hkv, D), the visual tokens in ``part.order``. Exact when no window holds a
+    padding key and there are no sinks: every query of a window sees exactly the keys of its window.
+    """
+    Hq, D = qv.shape[1:]
+    Hkv = kv.shape[1]
+    for size, n, off in part.groups:
+        rows = slice(off, off + n * size)
+        qg = qv[rows].view(n, size, Hq, D).transpose(1, 2)
+        kg = kv[rows].view(n, size, Hkv, D).transpose(1, 2)
+        vg = vv[rows].view(n, size, Hkv, D).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, kg, vg, scale=scale, enable_gqa=Hq != Hkv)
+        out.index_copy_(0, part.order[rows], o.transpose(1, 2).reshape(n * size, Hq, D).to(out.dtype))
+
+
+def _text_blocks(part: WindowPartition, w: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Blocks of ``w`` positions that hold at least one text query, memoised on the partition.
+
+    Returns ``(blocks, keep, dest)``: flat block ids ``b * nb + blk`` (S,), the rows of the (S * w) block queries
+    that lie inside the sequence (None when all do) and their flat token indices ``b * L + pos``.
+    """
+    key = ("text_blocks", w)
+    if key not in part._cache:
+        B, L = part.batch_size, part.seq_len
+        dev = part.is_visual.device
+        nb = -(-L // w)
+        text = F.pad(~part.is_visual, (0, nb * w - L)).reshape(B, nb, w).any(-1)
+        blocks = text.reshape(-1).nonzero().squeeze(1)
+        qpos = ((blocks % nb)[:, None] * w + torch.arange(w, device=dev)).reshape(-1)
+        dest = (blocks // nb).repeat_interleave(w) * L + qpos
+        inside = qpos < L
+        keep = None
+        if not bool(inside.all()):
+            keep = inside.nonzero().squeeze(1)
+            dest = dest[keep]
+        part._cache[key] = (blocks, keep, dest)
+    return part._cache[key]
+
+
+def _text_into(out, q, k, v, remap, part, text_window, n_sink, key_valid, scale):
+    """Blocked causal sliding window for the queries of ``blocks``; written into ``out`` rows.
 
     Block size w = min(text_window, L): a query of block b at position i only needs keys in
     (i - text_window, i], which lie in blocks b-1 and b. Each block attends to those 2w keys plus the sinks.
+    Every row of a listed block is written (its visual rows too: the visual path overwrites them after).
+    q: (N, Hq, D), k/v: (N, Hkv, D) in flat token order or, with ``remap``, at row ``remap[b * L + pos]``.
     """
-    B, L, Hq, D = q.shape
-    Hkv = k.shape[2]
+    B, L = part.batch_size, part.seq_len
+    Hq, D = q.shape[1:]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     dev = q.device
     w = min(text_window, L)
     nb = -(-L // w)
-    Lp = nb * w
-    # With a single block there is no previous block: skip the w all-padding keys.
+    blocks, keep, dest = _text_blocks(part, w)
+    # With a single block there is no previous block.
     prev = 1 if nb > 1 else 0
-    kvalid = key_valid if key_valid is not None else torch.ones(B, L, dtype=torch.bool, device=dev)
-
-    qb = F.pad(q, (0, 0, 0, 0, 0, Lp - L)).reshape(B * nb, w, Hkv, G, D)
-    # Front pad by one block (the "previous block" of block 0), back pad to Lp.
-    kp = F.pad(k, (0, 0, 0, 0, prev * w, Lp - L))
-    vp = F.pad(v, (0, 0, 0, 0, prev * w, Lp - L))
-    kvp = F.pad(kvalid, (prev * w, Lp - L), value=False)
-    if prev:
-        kb = torch.cat([kp[:, :Lp].reshape(B, nb, w, Hkv, D), kp[:, w:].reshape(B, nb, w, Hkv, D)], dim=2)
-        vb = torch.cat([vp[:, :Lp].reshape(B, nb, w, Hkv, D), vp[:, w:].reshape(B, nb, w, Hkv, D)], dim=2)
-        kvb = torch.cat([kvp[:, :Lp].reshape(B, nb, w), kvp[:, w:].reshape(B, nb, w)], dim=2)
-    else:
-        kb, vb, kvb = kp.reshape(B, nb, w, Hkv, D), vp.reshape(B, nb, w, Hkv, D), kvp.reshape(B, nb, w)
     nk = (1 + prev) * w
-
-    blk = torch.arange(nb, device=dev)
-    qpos = (blk * w)[:, None] + torch.arange(w, device=dev)[None]  # (nb, w)
-    kpos = (blk * w - prev * w)[:, None] + torch.arange(nk, device=dev)[None]  # (nb, nk)
+    S = blocks.numel()
+    row = blocks // nb
+    blk = blocks % nb
+    qpos = blk[:, None] * w + torch.arange(w, device=dev)  # (S, w)
+    kpos = (blk[:, None] - prev) * w + torch.arange(nk, device=dev)  # (S, nk)
+    k_ok = (kpos >= 0) & (kpos < L)
+    qf = row[:, None] * L + qpos.clamp(max=L - 1)
+    kf = row[:, None] * L + kpos.clamp(0, L - 1)
+    qb = _rows(q, qf.reshape(-1), remap).reshape(S, w, Hkv, G, D)
+    kb = _rows(k, kf.reshape(-1), remap).reshape(S, nk, Hkv, D)
+    vb = _rows(v, kf.reshape(-1), remap).reshape(S, nk, Hkv, D)
+    if key_valid is not None:
+        k_ok = k_ok & key_valid.reshape(-1)[kf]
     qi, kj = qpos[:, :, None], kpos[:, None, :]
     # Local keys: rule (b), plus rule (c) for sinks that fall in the block range (counted here, once).
-    local = (kj <= qi) & ((kj > qi - text_window) | (kj < n_sink))  # (nb, w, nk)
-    mask = local[None] & kvb[:, :, None, :]  # (B, nb, w, nk)
+    mask = (kj <= qi) & ((kj > qi - text_window) | (kj < n_sink)) & k_ok[:, None, :]  # (S, w, nk)
 
     ns = min(n_sink, L)
     if ns > 0:
-        spos = torch.arange(ns, device=dev)
-        ks = k[:, :ns][:, None].expand(B, nb, ns, Hkv, D)
-        vs = v[:, :ns][:, None].expand(B, nb, ns, Hkv, D)
-        kb = torch.cat([kb, ks], dim=2)
-        vb = torch.cat([vb, vs], dim=2)
+        sflat = (row[:, None] * L + torch.arange(ns, device=dev)).reshape(-1)
+        kb = torch.cat([kb, _rows(k, sflat, remap).reshape(S, ns, Hkv, D)], dim=1)
+        vb = torch.cat([vb, _rows(v, sflat, remap).reshape(S, ns, Hkv, D)], dim=1)
         # Sink columns only for sinks before the block range (those inside it are local columns already);
         # s < start of the range <= i, so causality holds.
-        sblk = spos[None, :] < kpos[:, :1]  # (nb, ns)
-        smask = sblk[None, :, None, :] & kvalid[:, None, None, :ns]  # (B, nb, 1, ns)
-        mask = torch.cat([mask, smask.expand(B, nb, w, ns)], dim=-1)
+        smask = torch.arange(ns, device=dev)[None, :] < kpos[:, :1]  # (S, ns)
+        if key_valid is not None:
+            smask = smask & key_valid.reshape(-1)[sflat].reshape(S, ns)
+        mask = torch.cat([mask, smask[:, None, :].expand(S, w, ns)], dim=-1)
 
-    nkt = kb.shape[2]
-    qg = qb.permute(0, 2, 3, 1, 4)  # (B*nb, Hkv, G, w, D)
-    kg = kb.reshape(B * nb, nkt, Hkv, D).transpose(1, 2)
-    vg = vb.reshape(B * nb, nkt, Hkv, D).transpose(1, 2)
-    out = _sdpa_grouped(qg, kg, vg, mask.reshape(B * nb, w, nkt), scale)
-    out = out.permute(0, 3, 1, 2, 4).reshape(B, Lp, Hq, D)
-    return out[:, :L]
+    o = _sdpa_grouped(qb.permute(0, 2, 3, 1, 4), kb.transpose(1, 2), vb.transpose(1, 2), mask, scale)
+    o = o.permute(0, 3, 1, 2, 4).reshape(S * w, Hq, D)
+    if keep is not None:
+        o = o.index_select(0, keep)
+    out.index_copy_(0, dest, o.to(out.dtype))
 
 
 def _check_qkv(q, k, v):
@@ -438,8 +530,9 @@ def local_window_attention(
             (0 when they see no key).
         scale: softmax scale, default ``D ** -0.5``.
         impl: ``"auto"`` (= ``"sdpa"``), ``"sdpa"`` (O(L x window)) or ``"reference"`` (dense mask, O(L^2)).
-        partition: precomputed :func:`build_window_partition` ``(window_id)`` to reuse across layers (sdpa only);
-            built here when None. It must come from this ``window_id`` (not checked, to avoid a host sync).
+        partition: precomputed :func:`build_window_partition` ``(window_id[, key_valid])`` to reuse across layers
+            (sdpa only); built here when None. It must come from this ``window_id`` and, if it was built with one,
+            this ``key_valid`` (not checked, to avoid a host sync).
 
     Returns:
         (B, L, Hq, D) in ``q.dtype``. A query with no visible key outputs 0.
@@ -481,16 +574,83 @@ def local_window_attention(
         )
     if B * L == 0:
         return q.new_zeros(B, L, Hq, D)
+    Hkv = k.shape[2]
+    out = q.new_empty(B * L, Hq, D)  # every row is written below: text rows by the text path, visual by windows
+    _attention_into(out, q.reshape(B * L, Hq, D), k.reshape(B * L, Hkv, D), v.reshape(B * L, Hkv, D), None,
+                    window_id, partition, text_window, n_sink, key_valid, scale)
+    return out.view(B, L, Hq, D)
 
-    if partition.num_text > 0:
-        out = _text_part(q, k, v, text_window, n_sink, key_valid, scale).reshape(B * L, Hq, D)
+
+def window_attention_sorted(
+    qs: torch.Tensor,
+    ks: torch.Tensor,
+    vs: torch.Tensor,
+    window_id: torch.Tensor,
+    partition: WindowPartition,
+    *,
+    text_window: int,
+    n_sink: int = 0,
+    key_valid: torch.Tensor | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`local_window_attention` (``impl="sdpa"``) on tokens already in the partition's window order.
+
+    For callers that produce q/k/v directly in that order (the fused M-MATE prefill gathers and rotates them in
+    one pass), so the visual windows need no gather.
+
+    Args:
+        qs: (B * L, Hq, D), row ``r`` holds token ``partition.token_order[r]`` (flat index ``b * L + pos``).
+        ks, vs: (B * L, Hkv, D), same row order.
+        window_id, partition: as for :func:`local_window_attention` (the partition is required here).
+        text_window, n_sink, key_valid, scale: as for :func:`local_window_attention`.
+        out: optional (B * L, Hq, D) tensor (any strides) that receives the result in flat token order.
+
+    Returns:
+        ``out`` (or a new (B * L, Hq, D) tensor): row ``b * L + pos`` is the output of token ``pos`` of row ``b``.
+    """
+    _check_mask_args(window_id, text_window, n_sink, key_valid)
+    B, L = window_id.shape
+    if (partition.batch_size, partition.seq_len) != (B, L):
+        raise ValueError(f"partition was built for (B, L) = {(partition.batch_size, partition.seq_len)}, got {(B, L)}")
+    if qs.dim() != 3 or ks.dim() != 3 or ks.shape != vs.shape or qs.shape[0] != B * L or ks.shape[0] != B * L:
+        raise ValueError(f"qs must be (B*L, Hq, D) and ks/vs (B*L, Hkv, D); got {tuple(qs.shape)}, {tuple(ks.shape)}")
+    D = qs.shape[-1]
+    if out is None:
+        out = qs.new_empty(qs.shape)
+    elif out.shape != qs.shape:
+        raise ValueError(f"out shape {tuple(out.shape)} != {tuple(qs.shape)}")
+    if B * L == 0:
+        return out
+    _attention_into(out, qs, ks, vs, partition.token_row, window_id, partition, text_window, n_sink, key_valid,
+                    D**-0.5 if scale is None else scale)
+    return out
+
+
+def _attention_into(out, q, k, v, remap, window_id, part, text_window, n_sink, key_valid, scale):
+    """Text path for the blocks with text queries, then the visual windows (grouped, or masked with sinks or
+    padding keys inside windows). q/k/v rows in flat token order, or in ``part.token_order`` with ``remap``."""
+    if part.num_text > 0:
+        _text_into(out, q, k, v, remap, part, text_window, n_sink, key_valid, scale)
+    if part.num_visual == 0:
+        return
+    if n_sink == 0 and _visual_keys_valid(part, key_valid):
+        if remap is None:
+            qv, kv, vv = (t.index_select(0, part.order) for t in (q, k, v))
+        else:  # the window order puts the visual tokens first, in part.order
+            nV = part.num_visual
+            qv, kv, vv = q[:nV], k[:nV], v[:nV]
+        _visual_grouped_into(out, qv, kv, vv, part, scale)
     else:
-        out = q.new_zeros(B * L, Hq, D)
-    if partition.num_visual > 0:
-        vis = _visual_part(q, k, v, window_id, partition, n_sink, key_valid, scale)
-        # Put the visual rows in place of the text-path rows (the torch.where of the two paths, done sparsely).
-        out = out.index_copy(0, partition.vis_token, vis.to(out.dtype))
-    return out.reshape(B, L, Hq, D)
+        _visual_masked_into(out, q, k, v, remap, window_id, part, n_sink, key_valid, scale)
+
+
+def _visual_keys_valid(part: WindowPartition, key_valid: torch.Tensor | None) -> bool:
+    if key_valid is None:
+        return True
+    if part.visual_keys_valid is not None:
+        return part.visual_keys_valid
+    return bool((key_valid | ~part.is_visual).all())  # one host sync: pass a partition built with key_valid
 
 
 # ----------------------------------------------------------------------------------------------------------------
