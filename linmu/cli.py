@@ -298,7 +298,9 @@ def cmd_bench(args) -> int:
             cuda_graphs=args.cuda_graphs, decode=args.decode, decode_steps=args.decode_steps, repeats=args.repeats,
             warmup=args.warmup, max_seconds=args.max_seconds, max_batch=args.max_batch, memory_gib=args.memory_gib,
             seed=args.seed)
-        result = run_bench(opts, log=lambda m: print(m, file=sys.stderr, flush=True))
+        t0 = time.perf_counter()
+        result = run_bench(opts, log=lambda m: print(f"[{time.perf_counter() - t0:6.1f} s] {m}", file=sys.stderr,
+                                                     flush=True))
     except BenchError as e:
         print(f"linmu bench: error: {e}", file=sys.stderr)
         return 2

@@ -5,9 +5,9 @@ tokens, static input buffers (token ids ``(B, 1)`` and M-RoPE positions ``(3, B,
 forward one token per sequence, take the argmax and write it back as the next input. With ``cuda_graph=True`` that
 step is captured once and replayed, with no host work or host sync in between.
 
-- teacher: transformers' ``StaticCache`` of ``context + max_steps`` positions per layer (keys and values at key/value
-  heads), with its write position set to ``context``; each step writes one position and attends over the whole
-  buffer under SDPA's mask (`linmu.bench.attention`, GQA folded, no KV repeat).
+- teacher: transformers' ``StaticCache`` of ``context + max_steps`` positions per layer rounded up to 256 (keys and
+  values at key/value heads), with its write position set to ``context``; each step writes one position and attends
+  over the whole buffer under SDPA's mask (`linmu.bench.attention`: GQA folded, no KV repeat, split-KV on CUDA).
 - student: `linmu.inference.cache.LinMUCache` (fixed size whatever ``context``) set to ``context`` seen tokens.
 
 The caches are filled to their context length without running ``batch`` prefills (the contents of the buffers do
@@ -82,7 +82,8 @@ class DecodeSession:
 
             tc = model.config.get_text_config(decoder=True)
             head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-            self.cache = StaticCache(config=tc, max_cache_len=context + max_steps)
+            # whole 256-slot blocks, so that the decode attention can split the cache into equal chunks
+            self.cache = StaticCache(config=tc, max_cache_len=-(-(context + max_steps) // 256) * 256)
             self.cache.early_initialization(batch, tc.num_key_value_heads, head_dim, self.dtype, self.device)
         else:
             from ..inference.cache import LinMUCache

@@ -319,11 +319,10 @@ def measure_prefill(model, kind: str, inputs: dict, device, warmup: int, repeats
     if device.type == "cuda":
         _sync(device)
     base = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    for _ in range(warmup):
-        run()
+    warm = [_time_once(run, device) for _ in range(warmup)]
     _reset_peak(device)
     times = _repeat(run, device, 0, repeats, max_seconds)
-    return {"ttft_ms": statistics.median(times), "ttft_ms_runs": times, "warmup": warmup,
+    return {"ttft_ms": statistics.median(times), "ttft_ms_runs": times, "warmup_ms": warm,
             "prefill_peak_gib": _peak_gib(device), "weights_gib": base}
 
 
@@ -451,6 +450,20 @@ def measure_decode(model, kind: str, context: int, per_seq_bytes: int, o: BenchO
 
 # ------------------------------------------------------------------------------------------------ the run
 
+def _log_prefill(log, name, row):
+    m = row[name]
+    peak = f", peak {m['prefill_peak_gib']:.1f} GiB" if m.get("prefill_peak_gib") is not None else ""
+    warm = f", warm-up {' '.join(f'{w / 1e3:.1f}' for w in m['warmup_ms'])} s" if m["warmup_ms"] else ""
+    log(f"  {name:7s} {row['tokens']:>7} tokens: TTFT {m['ttft_ms']:.1f} ms ({len(m['ttft_ms_runs'])} runs{warm})"
+        f"{peak}")
+
+
+def _log_decode(log, name, row):
+    d = row[name]["decode"]
+    log(f"  {name:7s} {row['tokens']:>7} tokens: decode batch 1 {d['batch1']['step_ms']:.2f} ms/step; largest batch "
+        f"{d['best']['batch']}: {d['best']['step_ms']:.2f} ms/step = {d['best']['tok_s']:.0f} tokens/s")
+
+
 def _warm(prev_ms: float | None, o: BenchOptions) -> int:
     # kernels without per-length tuning are warm after the first length; a slow model is not warmed up again
     return o.warmup if prev_ms is None or prev_ms < 2000 else 0
@@ -482,39 +495,42 @@ def run_bench(o: BenchOptions, log=lambda msg: None) -> dict:
     set_text_attention(teacher, TEACHER_ATTENTION)
     prev = None
     for row, x in zip(rows, inputs):
-        log(f"  teacher: {row['tokens']} tokens")
         if frames_mode:
             row["vision_ms"] = measure_vision(teacher, x, device, o.warmup, o.repeats, o.max_seconds)
         row["teacher"] = measure_prefill(teacher, "teacher", x, device, _warm(prev, o), o.repeats, o.max_seconds)
         prev = row["teacher"]["ttft_ms"]
+        _log_prefill(log, "teacher", row)
         row["teacher"]["cache_bytes_per_seq"] = teacher_cache_bytes_per_seq(tc, row["tokens"], dtype)
         if o.decode:
             row["teacher"]["decode"] = measure_decode(teacher, "teacher", row["tokens"],
                                                       row["teacher"]["cache_bytes_per_seq"], o, graphs, device, log)
+            _log_decode(log, "teacher", row)
     set_text_attention(teacher, FLOOR_ATTENTION)
     prev = None
     for row, x in zip(rows, inputs):
-        log(f"  floor: {row['tokens']} tokens")
         row["floor"] = measure_prefill(teacher, "floor", x, device, _warm(prev, o), o.repeats, o.max_seconds)
         prev = row["floor"]["ttft_ms"]
+        _log_prefill(log, "floor", row)
     set_text_attention(teacher, "sdpa")
 
     # ---- student: converted from this teacher, which is then freed
-    log("  converting the teacher to LinMU")
+    t0 = time.perf_counter()
     student = make_student(teacher)
     del teacher
     _free()
+    log(f"  student: converted from the teacher in {time.perf_counter() - t0:.1f} s")
     blocks = student.mmate_blocks()
     s_bytes = student_cache_bytes_per_seq(blocks, dtype)
     prev = None
     for row, x in zip(rows, inputs):
-        log(f"  student: {row['tokens']} tokens")
         row["student"] = measure_prefill(student, "student", x, device, _warm(prev, o), o.repeats, o.max_seconds)
         prev = row["student"]["ttft_ms"]
+        _log_prefill(log, "student", row)
         row["student"]["cache_bytes_per_seq"] = s_bytes
         if o.decode:
             row["student"]["decode"] = measure_decode(student, "student", row["tokens"], s_bytes, o, graphs,
                                                       device, log)
+            _log_decode(log, "student", row)
     mmate = student.linmu_config.to_dict()
     del student
     _free()

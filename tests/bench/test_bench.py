@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import linmu
-from linmu.bench.attention import FLOOR_ATTENTION, TEACHER_ATTENTION, set_text_attention
+from linmu.bench.attention import (FLOOR_ATTENTION, TEACHER_ATTENTION, decode_splits, set_text_attention,
+                                   split_decode_attention)
 from linmu.bench.decode import DecodeSession, student_cache_bytes_per_seq, teacher_cache_bytes_per_seq
 from linmu.bench.harness import (BenchError, BenchOptions, format_table, frame_inputs, parse_int_list, run_bench,
                                  summarize, summary_line, token_inputs)
@@ -159,11 +160,30 @@ def test_teacher_bench_attention_equals_stock_sdpa_in_prefill_and_static_decode(
     assert (step - ref.logits[:, -1]).abs().max() > 1e-3  # a real step, not the prefill's last logits again
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_split_kv_decode_attention_equals_sdpa_over_the_whole_cache(device):
+    torch.manual_seed(0)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    B, Hkv, G, S, D = 2, 3, 4, 1024, 64
+    q = torch.randn(B, Hkv, G, D, device=device, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, S, D, device=device, dtype=dtype) for _ in range(2))
+    mask = torch.zeros(B, 1, 1, S, dtype=torch.bool, device=device)
+    mask[..., :700] = True  # the static cache's written slots; the last two of four chunks are partly / fully empty
+    mask[1, ..., 5] = False
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.1)
+    for n in (2, 4, 16):
+        out = split_decode_attention(q, k, v, mask, 0.1, n)
+        tol = 1e-5 if device == "cpu" else 2e-2
+        torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    assert decode_splits(4, 131328, torch.device("cpu")) == 1
+
+
 def test_cache_bytes_per_sequence_match_the_allocated_buffers():
     teacher = _tiny_teacher()
     tc = teacher.config.get_text_config(decoder=True)
-    s = DecodeSession(teacher, "teacher", batch=2, context=50, max_steps=6)
-    assert s.cache_nbytes() == 2 * teacher_cache_bytes_per_seq(tc, 56, torch.float32)
+    s = DecodeSession(teacher, "teacher", batch=2, context=250, max_steps=8)
+    # context + steps rounded up to whole 256-slot blocks
+    assert s.cache_nbytes() == 2 * teacher_cache_bytes_per_seq(tc, 512, torch.float32)
     # 2 layers x (k + v) x 2 kv heads x head_dim 16 x 4 bytes per token
     assert teacher_cache_bytes_per_seq(tc, 1, torch.float32) == 2 * 2 * 2 * 16 * 4
     student = linmu.convert(teacher)
