@@ -36,6 +36,8 @@ class LinMULayerCache:
             conv = torch.zeros(batch_size, f.conv_channels, cfg.d_conv - 1, dtype=dtype, device=device)
             ssm = torch.zeros(batch_size, f.num_heads, f.head_dim, f.head_dim, dtype=torch.float32, device=device)
             flex = FlexMAState(conv, ssm)
+            # FlexMA.step writes the new SSM state straight into this buffer (store() then has nothing to copy)
+            flex.update_in_place = True
         if block.swin is not None:
             s = block.swin
             ring = cfg.text_window if max_cache_len is None else min(cfg.text_window, max_cache_len)

@@ -234,7 +234,9 @@ class FlexMA(nn.Module):
         x, b, c = self._split_xbc(F.silu(xbc_f))
         dt = F.softplus(self.dt_proj(u1).float() + self.dt_bias_fwd.float())
         A = -torch.exp(self.A_log_fwd.float())
-        y, ssm = ssd_step(state.ssm, x, dt, A, b, c, self.D_fwd)
+        # a decode cache's state (LinMUCache marks it) is updated in place: no state-sized temporaries or copies
+        y, ssm = ssd_step(state.ssm, x, dt, A, b, c, self.D_fwd,
+                          out=state.ssm if getattr(state, "update_in_place", False) else None)
         z = self.z_proj(u1).unflatten(-1, (H, P))
         core = self._gated_norm(y, z).unsqueeze(1)
         return core, FlexMAState(conv=window[..., 1:], ssm=ssm)

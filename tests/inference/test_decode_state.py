@@ -1,0 +1,59 @@
+"""The decode state is updated in place: `ssd_step(out=state)` equals the out-of-place step, and a LinMUCache keeps
+the same SSM buffers (what a captured CUDA graph replays on) while cached decode still equals a full recompute."""
+
+import pytest
+import torch
+
+import linmu
+from linmu.inference.cache import LinMUCache
+from linmu.ops.ssd import ssd_step
+from linmu.tiny import tiny_qwen2_vl, tiny_qwen2_vl_inputs
+
+
+def test_ssd_step_into_out_equals_the_out_of_place_step():
+    torch.manual_seed(0)
+    b, h, p, n = 2, 3, 4, 5
+    state = torch.randn(b, h, p, n)
+    x = torch.randn(b, h, p, dtype=torch.bfloat16)
+    dt, A = torch.rand(b, h), -torch.rand(h)
+    B, C, D = torch.randn(b, h, n), torch.randn(b, h, n), torch.randn(h)
+    y_ref, s_ref = ssd_step(state, x, dt, A, B, C, D)
+    buf = state.clone()
+    y, s = ssd_step(buf, x, dt, A, B, C, D, out=buf)
+    assert s is buf  # updated in place, no new state tensor
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(buf, s_ref, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(buf, state)
+    # into a separate buffer, leaving the input alone
+    other = torch.empty_like(state)
+    ssd_step(state, x, dt, A, B, C, D, out=other)
+    torch.testing.assert_close(other, s_ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="out must be"):
+        ssd_step(state, x, dt, A, B, C, D, out=torch.empty(b, h, p, n, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be"):
+        ssd_step(state, x, dt, A, B, C, D, out=torch.empty(b, h, n, p).transpose(-1, -2))
+
+
+def test_cached_decode_updates_the_cache_buffers_in_place_and_equals_recompute():
+    teacher = tiny_qwen2_vl(seed=3)
+    torch.manual_seed(0)
+    student = linmu.convert(teacher, linmu.MMateConfig(window=(2, 2, 2), text_window=8, chunk_size=16,
+                                                       init="mamba2"))
+    inputs = tiny_qwen2_vl_inputs(student, seed=4)
+    with torch.no_grad():
+        cache = LinMUCache(student.mmate_blocks(), batch_size=1)
+        ptrs = [layer.state.flex.ssm.data_ptr() for layer in cache.layers]
+        out = student.generate(**inputs, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        ref = student.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(out, ref)
+    assert [layer.state.flex.ssm.data_ptr() for layer in cache.layers] == ptrs
+    assert cache.layers[0].state.flex.update_in_place
+    # a state that is not a cache's stays untouched by step()
+    block = student.mmate_blocks()[0]
+    state = cache.layers[0].state
+    loose = type(state.flex)(state.flex.conv.clone(), state.flex.ssm.clone())
+    before = loose.ssm.clone()
+    u = torch.randn(1, 1, student.config.text_config.hidden_size)
+    with torch.no_grad():
+        _, new = block.flex.step(u, loose)
+    assert torch.equal(loose.ssm, before) and not torch.equal(new.ssm, before)
