@@ -371,6 +371,7 @@ def find_batch(model, kind: str, context: int, per_seq_bytes: int, o: BenchOptio
     out-of-memory it shrinks by 15% and tries again.
     """
     cap = o.max_batch or (4096 if device.type == "cuda" else 4)
+    _free()  # cached blocks of earlier sessions count as free memory
     budget = _budget_bytes(o, device)
     info = {"cache_bytes_per_seq": per_seq_bytes, "budget_bytes": budget, "cap": cap}
     if device.type == "cuda":

@@ -46,6 +46,8 @@ class LinMULayerCache:
             k = torch.zeros(batch_size, S, s.num_kv_heads, s.head_dim, dtype=dtype, device=device)
             swin = SwinState(k, torch.zeros_like(k), torch.zeros(batch_size, S, dtype=torch.bool, device=device),
                              torch.zeros((), dtype=torch.long, device=device))
+            # LocalSwin.step writes the new key/value slot straight into this ring
+            swin.update_in_place = True
         self.state = MMateState(flex, swin)
 
     def store(self, new: MMateState) -> None:

@@ -145,9 +145,14 @@ class LocalSwin(nn.Module):
         ns = cfg.n_sink
         ring = state.k.shape[1] - ns
         slot = (ns + state.pos % ring).view(1)
-        kc = state.k.index_copy(1, slot, k)
-        vc = state.v.index_copy(1, slot, v)
-        vv = state.valid.index_fill(1, slot, True)
+        if getattr(state, "update_in_place", False):
+            # a decode cache's ring (LinMUCache marks it): write the one new slot, copy nothing
+            kc, vc = state.k.index_copy_(1, slot, k), state.v.index_copy_(1, slot, v)
+            vv = state.valid.index_fill_(1, slot, True)
+        else:
+            kc = state.k.index_copy(1, slot, k)
+            vc = state.v.index_copy(1, slot, v)
+            vv = state.valid.index_fill(1, slot, True)
         # a sink counts only once it has left the local range, otherwise it is already among the ring's keys
         sink_pos = torch.arange(ns, device=u.device)
         sink_on = sink_pos <= state.pos - cfg.text_window

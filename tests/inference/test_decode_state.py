@@ -47,7 +47,7 @@ def test_cached_decode_updates_the_cache_buffers_in_place_and_equals_recompute()
         ref = student.generate(**inputs, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(out, ref)
     assert [layer.state.flex.ssm.data_ptr() for layer in cache.layers] == ptrs
-    assert cache.layers[0].state.flex.update_in_place
+    assert cache.layers[0].state.flex.update_in_place and cache.layers[0].state.swin.update_in_place
     # a state that is not a cache's stays untouched by step()
     block = student.mmate_blocks()[0]
     state = cache.layers[0].state
@@ -57,3 +57,14 @@ def test_cached_decode_updates_the_cache_buffers_in_place_and_equals_recompute()
     with torch.no_grad():
         _, new = block.flex.step(u, loose)
     assert torch.equal(loose.ssm, before) and not torch.equal(new.ssm, before)
+    sw = state.swin
+    loose_swin = type(sw)(sw.k.clone(), sw.v.clone(), sw.valid.clone(), sw.pos.clone())
+    k_before = loose_swin.k.clone()
+    cos = torch.ones(1, 1, block.swin.head_dim)
+    with torch.no_grad():
+        _, new_swin = block.swin.step(u, loose_swin, (cos, torch.zeros_like(cos)))
+    assert torch.equal(loose_swin.k, k_before) and not torch.equal(new_swin.k, k_before)
+    # the cache's own ring is written in place: the step returns its buffers
+    with torch.no_grad():
+        _, own = block.swin.step(u, sw, (cos, torch.zeros_like(cos)))
+    assert own.k is sw.k and own.valid is sw.valid
