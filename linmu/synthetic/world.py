@@ -31,7 +31,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 COLOUR_NAMES: tuple[str, ...] = tuple(COLOURS)
 WHITE = (255, 255, 255)
 WHITE_ID = len(COLOUR_NAMES)  # colour index of a flashing object / the cue
-BACKGROUND = (0, 0, 0)
+# The board: each cell has its own dark grey background, so a visual token shows which cell it is by its content.
+# (A from-scratch tiny Qwen2-VL cannot tell cells apart by position: its ViT has only relative 2-D rotary
+# positions, and M-RoPE gives the height/width sections the lowest frequencies, so one cell's step rotates them by
+# at most ~1e-2 rad. Measured without the board: image_position / position_at_cue stayed at chance for 3.3k steps.)
+CELL_BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (40, 40, 40), (80, 80, 80), (120, 120, 120))
+BACKGROUND = CELL_BACKGROUNDS[0]
 PALETTE = np.array([*COLOURS.values(), WHITE], dtype=np.uint8)
 
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle", "cross")
@@ -234,7 +239,10 @@ def render(scene: Scene, frame_size: int = 56, frames: range | None = None) -> n
     fs = check_frame_size(frame_size)
     idx = list(range(scene.num_frames)) if frames is None else list(frames)
     out = np.empty((len(idx), fs, fs, 3), dtype=np.uint8)
-    out[:] = np.array(BACKGROUND, dtype=np.uint8)
+    cs = fs // 2
+    for cell, shade in enumerate(CELL_BACKGROUNDS):
+        r, c = cell_row_col(cell)
+        out[:, r * cs:(r + 1) * cs, c * cs:(c + 1) * cs] = np.array(shade, dtype=np.uint8)
     for i, t in enumerate(idx):
         for tr in scene.tracks:  # later tracks draw on top (cells are exclusive, so nothing overlaps)
             box = object_box(tr, t, fs)
@@ -246,7 +254,7 @@ def render(scene: Scene, frame_size: int = 56, frames: range | None = None) -> n
     return out
 
 
-__all__ = ["COLOURS", "COLOUR_NAMES", "WHITE", "WHITE_ID", "BACKGROUND", "PALETTE", "SHAPES", "CELLS", "HIDDEN",
+__all__ = ["COLOURS", "COLOUR_NAMES", "WHITE", "WHITE_ID", "BACKGROUND", "CELL_BACKGROUNDS", "PALETTE", "SHAPES", "CELLS", "HIDDEN",
            "Track", "Scene", "segments", "non_adjacent", "new_track", "set_pairs", "render", "shape_mask",
            "geometry", "object_box", "cell_row_col", "num_pairs", "pair_frames", "check_frame_size",
            "MIN_FRAMES", "MAX_FRAMES", "HOP_MEAN_PAIRS"]

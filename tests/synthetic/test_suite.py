@@ -10,7 +10,7 @@ from linmu.synthetic import (SPLIT_SEEDS, TASK_KINDS, TASKS, answer_choices, cha
                              make_split, score, split_of, suite_info, to_loaded_sample, visual_tokens, vocabulary,
                              write_split)
 from linmu.synthetic.tasks import SPECS
-from linmu.synthetic.world import BACKGROUND, PALETTE, WHITE_ID, object_box, pair_frames, render
+from linmu.synthetic.world import CELL_BACKGROUNDS, PALETTE, WHITE_ID, object_box, pair_frames, render
 
 VIDEO_TASKS = [t for t in TASKS if TASK_KINDS[t] != "image"]
 
@@ -280,7 +280,7 @@ def test_rendering_shows_every_object_in_its_colour():
         ex = generate_example(2, task, 16)
         frames = ex.frames if ex.is_video else ex.image[None]
         for t in range(len(frames)):
-            want = {tuple(BACKGROUND)}
+            want = set(CELL_BACKGROUNDS)  # every cell shows its own shade around its object
             for tr in ex.scene.tracks:
                 box = object_box(tr, t, 56)
                 if box is None:
@@ -365,7 +365,7 @@ def test_write_split_loads_and_decodes(tmp_path, processor):
                         continue
                     top, left, size = box
                     px = frames[t, top + size // 2, left + size // 2].astype(int)
-                    options = [*PALETTE.astype(int), np.array(BACKGROUND)]
+                    options = [*PALETTE.astype(int), *np.array(CELL_BACKGROUNDS)]
                     assert int(np.argmin([np.abs(px - c).sum() for c in options])) == int(tr.colour[t])
         else:
             assert np.array_equal(np.asarray(loaded.images[0]), ex.image)
