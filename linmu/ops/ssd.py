@@ -448,6 +448,7 @@ def ssd_step(
     D: torch.Tensor | None = None,
     *,
     out: torch.Tensor | None = None,
+    impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the SSD recurrence (decoding). No host sync, static shapes.
 
@@ -461,6 +462,9 @@ def ssd_step(
         out: a contiguous tensor of the state's shape and compute dtype to write the new state into, e.g.
             ``state`` itself (a decode cache updated in place: two passes over the state instead of five, and no
             state-sized temporaries). None: a new tensor.
+        impl: ``"auto"``: an in-place update (``out is state``) of a float32 CUDA state runs the fused Triton kernel
+            of :mod:`linmu.ops.ssd_decode` (one read and one write of the state) when Triton is importable;
+            ``"torch"``: always the PyTorch path below.
 
     Returns:
         ``(y, new_state)``: y (batch, nheads, headdim) in x's dtype, new_state float32
@@ -483,7 +487,14 @@ def ssd_step(
             f"state {tuple(state.shape)}, x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, "
             f"B {tuple(B.shape)}, C {tuple(C.shape)}"
         )
+    if impl not in ("auto", "torch"):
+        raise ValueError(f"ssd_step: impl must be 'auto' or 'torch', got {impl!r}")
     cdt = torch.float64 if torch.float64 in (x.dtype, state.dtype) else torch.float32
+    if impl == "auto" and out is state and cdt == torch.float32:
+        from .ssd_decode import fused_step_supported, ssd_step_inplace
+
+        if fused_step_supported(state, D):
+            return ssd_step_inplace(state, x, dt, A, B, C, D), state
     dtc = dt.to(cdt)
     xc = x.to(cdt)
     # S' = exp(dt A) S + dt x (x) B
