@@ -550,11 +550,20 @@ def run_bench(o: BenchOptions, log=lambda msg: None) -> dict:
         "floor_attention": "attention core skipped (v passed through; projections, RoPE, MLPs run)",
         "decode_cache": "teacher: StaticCache set to the context length; student: LinMUCache; no per-sequence "
                         "prefills before decode",
+        "student_ssd_step": _ssd_step_kind(device),
         "mmate": mmate, "torch": torch.__version__, "transformers": transformers.__version__,
     }
     result = {"config": config, "rows": rows}
     result["summary"] = summarize(result)
     return result
+
+
+def _ssd_step_kind(device) -> str:
+    """Which SSD step the student's decode ran: the fused Triton kernel or the torch ops."""
+    from ..ops.ssd_decode import _kernel, fused_step_enabled
+
+    fused = device.type == "cuda" and fused_step_enabled() and _kernel() is not None
+    return "fused Triton (in place)" if fused else "torch ops (in place)"
 
 
 # ------------------------------------------------------------------------------------------------ reports
@@ -618,7 +627,7 @@ def format_table(result: dict) -> str:
     lines = [f"linmu bench: {c['source']} | {c['device_name']} | {c['dtype']} | CUDA graphs "
              f"{'on (teacher and student decode)' if c['cuda_graphs'] else 'off (both)'}",
              f"decoder: {c['layers']} layers, hidden {c['hidden_size']}, {c['heads']} heads / {c['kv_heads']} kv heads; "
-             f"teacher attention: {c['teacher_attention']}"]
+             f"teacher attention: {c['teacher_attention']}; student SSD decode step: {c['student_ssd_step']}"]
     frames = c["mode"] == "frames"
     head = (["frames", "tokens", "vision ms"] if frames else ["tokens"]) + [
         "TTFT teacher ms", "student ms", "floor ms", "T/S", "S/floor"]

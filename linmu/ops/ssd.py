@@ -463,8 +463,8 @@ def ssd_step(
             ``state`` itself (a decode cache updated in place: two passes over the state instead of five, and no
             state-sized temporaries). None: a new tensor.
         impl: ``"auto"``: an in-place update (``out is state``) of a float32 CUDA state runs the fused Triton kernel
-            of :mod:`linmu.ops.ssd_decode` (one read and one write of the state) when Triton is importable;
-            ``"torch"``: always the PyTorch path below.
+            of :mod:`linmu.ops.ssd_decode` (one read and one write of the state) when Triton is importable and
+            ``LINMU_FUSED_SSD_STEP`` is not ``0``; ``"torch"``: always the PyTorch path below.
 
     Returns:
         ``(y, new_state)``: y (batch, nheads, headdim) in x's dtype, new_state float32
@@ -491,9 +491,9 @@ def ssd_step(
         raise ValueError(f"ssd_step: impl must be 'auto' or 'torch', got {impl!r}")
     cdt = torch.float64 if torch.float64 in (x.dtype, state.dtype) else torch.float32
     if impl == "auto" and out is state and cdt == torch.float32:
-        from .ssd_decode import fused_step_supported, ssd_step_inplace
+        from .ssd_decode import fused_step_enabled, fused_step_supported, ssd_step_inplace
 
-        if fused_step_supported(state, D):
+        if fused_step_enabled() and fused_step_supported(state, D):
             return ssd_step_inplace(state, x, dt, A, B, C, D), state
     dtc = dt.to(cdt)
     xc = x.to(cdt)

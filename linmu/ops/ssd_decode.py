@@ -10,6 +10,7 @@ the GPU tests compare both paths. The kernel is defined on first use, so importi
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -45,6 +46,11 @@ def _kernel():
         tl.store(Y + bh * P + rows, y)
 
     return triton, ssd_step_kernel
+
+
+def fused_step_enabled() -> bool:
+    """False when the environment sets ``LINMU_FUSED_SSD_STEP=0`` (then ``impl="auto"`` keeps the torch step)."""
+    return os.environ.get("LINMU_FUSED_SSD_STEP", "1") != "0"
 
 
 def fused_step_supported(state: torch.Tensor, D: torch.Tensor | None) -> bool:

@@ -305,7 +305,7 @@ def test_cuda_graph_decode_equals_eager_decode_for_both_models():
 
 
 @pytest.mark.gpu
-def test_whole_bench_on_cuda_with_graphs():
+def test_whole_bench_runs_on_cuda():
     r = run_bench(BenchOptions(preset="tiny", tokens=(256, 512), decode_steps=4, repeats=2, max_batch=16))
     assert r["config"]["cuda_graphs"] is True and r["config"]["dtype"] == "bfloat16"
     for row in r["rows"]:

@@ -90,6 +90,16 @@ def test_fused_triton_step_equals_the_torch_step(with_D):
     assert s is buf and y.dtype == torch.bfloat16
     torch.testing.assert_close(buf, ref_state, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    # the environment switch keeps the torch step
+    import os
+
+    os.environ["LINMU_FUSED_SSD_STEP"] = "0"
+    try:
+        from linmu.ops.ssd_decode import fused_step_enabled
+
+        assert not fused_step_enabled()
+    finally:
+        del os.environ["LINMU_FUSED_SSD_STEP"]
     # a second step from the updated state, and the out-of-place call stays on the torch path
     y2, _ = ssd_step(buf, x, dt, A, B, C, D, out=buf)
     y2_ref, new = ssd_step(ref_state, x, dt, A, B, C, D)
