@@ -299,8 +299,14 @@ def cmd_bench(args) -> int:
             warmup=args.warmup, max_seconds=args.max_seconds, max_batch=args.max_batch, memory_gib=args.memory_gib,
             seed=args.seed)
         t0 = time.perf_counter()
+        partial_path = Path(args.out).with_suffix(".partial.json") if args.out else None
+
+        def save_partial(res):
+            partial_path.parent.mkdir(parents=True, exist_ok=True)
+            partial_path.write_text(json.dumps(res, indent=2))
+
         result = run_bench(opts, log=lambda m: print(f"[{time.perf_counter() - t0:6.1f} s] {m}", file=sys.stderr,
-                                                     flush=True))
+                                                     flush=True), partial=save_partial if args.out else None)
     except BenchError as e:
         print(f"linmu bench: error: {e}", file=sys.stderr)
         return 2
@@ -309,6 +315,7 @@ def cmd_bench(args) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
+        partial_path.unlink(missing_ok=True)
         print(f"wrote {out}")
         png = Path(args.plot) if args.plot else out.with_suffix(".png")
         try:

@@ -470,8 +470,13 @@ def _warm(prev_ms: float | None, o: BenchOptions) -> int:
     return o.warmup if prev_ms is None or prev_ms < 2000 else 0
 
 
-def run_bench(o: BenchOptions, log=lambda msg: None) -> dict:
-    """Measure teacher, floor and student (see the module doc). Returns ``{"config", "rows", "summary"}``."""
+def run_bench(o: BenchOptions, log=lambda msg: None, partial=None) -> dict:
+    """Measure teacher, floor and student (see the module doc). Returns ``{"config", "rows", "summary"}``.
+
+    ``partial``, if given, is called with ``{"source", "rows"}`` after every measurement, so that a run cut short
+    (a time limit) still leaves what it measured.
+    """
+    save = (lambda: partial({"source": source, "rows": rows})) if partial is not None else (lambda: None)
     device, dtype, graphs = _check_options(o)
     from .presets import PRESETS
 
@@ -500,18 +505,21 @@ def run_bench(o: BenchOptions, log=lambda msg: None) -> dict:
             row["vision_ms"] = measure_vision(teacher, x, device, o.warmup, o.repeats, o.max_seconds)
         row["teacher"] = measure_prefill(teacher, "teacher", x, device, _warm(prev, o), o.repeats, o.max_seconds)
         prev = row["teacher"]["ttft_ms"]
-        _log_prefill(log, "teacher", row)
         row["teacher"]["cache_bytes_per_seq"] = teacher_cache_bytes_per_seq(tc, row["tokens"], dtype)
+        _log_prefill(log, "teacher", row)
+        save()
         if o.decode:
             row["teacher"]["decode"] = measure_decode(teacher, "teacher", row["tokens"],
                                                       row["teacher"]["cache_bytes_per_seq"], o, graphs, device, log)
             _log_decode(log, "teacher", row)
+            save()
     set_text_attention(teacher, FLOOR_ATTENTION)
     prev = None
     for row, x in zip(rows, inputs):
         row["floor"] = measure_prefill(teacher, "floor", x, device, _warm(prev, o), o.repeats, o.max_seconds)
         prev = row["floor"]["ttft_ms"]
         _log_prefill(log, "floor", row)
+        save()
     set_text_attention(teacher, "sdpa")
 
     # ---- student: converted from this teacher, which is then freed
@@ -526,12 +534,14 @@ def run_bench(o: BenchOptions, log=lambda msg: None) -> dict:
     for row, x in zip(rows, inputs):
         row["student"] = measure_prefill(student, "student", x, device, _warm(prev, o), o.repeats, o.max_seconds)
         prev = row["student"]["ttft_ms"]
-        _log_prefill(log, "student", row)
         row["student"]["cache_bytes_per_seq"] = s_bytes
+        _log_prefill(log, "student", row)
+        save()
         if o.decode:
             row["student"]["decode"] = measure_decode(student, "student", row["tokens"], s_bytes, o, graphs,
                                                       device, log)
             _log_decode(log, "student", row)
+            save()
     mmate = student.linmu_config.to_dict()
     del student
     _free()

@@ -40,6 +40,7 @@ def test_cli_writes_table_json_plot_and_a_last_json_line(cli_run):
     rc, stdout, out = cli_run
     assert rc == 0
     result = json.loads(out.read_text())
+    assert not out.with_suffix(".partial.json").exists()  # written while running, removed at the end
     assert out.with_suffix(".png").stat().st_size > 1000
     lines = stdout.strip().splitlines()
     last = json.loads(lines[-1])
@@ -215,8 +216,12 @@ def test_decode_sessions_run_from_the_context_and_guard_the_static_cache():
 
 
 def test_frames_mode_runs_the_vision_tower_and_reports_it_apart():
+    snaps = []
     r = run_bench(BenchOptions(preset="tiny", frames=(4, 8), resolution=(56, 84), dtype="float32", decode=False,
-                               repeats=1, warmup=0))
+                               repeats=1, warmup=0), partial=lambda p: snaps.append(json.loads(json.dumps(p))))
+    # what was measured so far, after every measurement (2 lengths x teacher, floor, student)
+    assert len(snaps) == 6 and "teacher" in snaps[0]["rows"][0] and "floor" not in snaps[0]["rows"][0]
+    assert snaps[-1]["rows"] == json.loads(json.dumps(r["rows"]))
     assert r["config"]["mode"] == "frames"
     for row, frames in zip(r["rows"], (4, 8)):
         # grid (frames / 2, 4, 6) patches -> 2 x 3 merged tokens per temporal patch, plus 32 text tokens
