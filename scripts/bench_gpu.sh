@@ -14,7 +14,7 @@ TOKENS=${TOKENS:-8192,16384,32768,65536,131072,262144}
 python3 -c "import torch, transformers, fla; print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla.__version__, torch.cuda.get_device_name())"
 # the decode kernels the numbers rest on: split-KV teacher attention, graph == eager decode, the fused SSD step; a
 # failing fused step is switched off (the student then decodes with torch ops, and the output says so)
-timeout 45 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/bench tests/inference/test_decode_state.py \
+timeout 45 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/inference/test_decode_state.py tests/bench \
     -k "split or graph or fused" 2>&1 | tee "$OUT/checks.log" | grep -E "^(PASSED|FAILED|ERROR)|passed|failed"
 if ! grep -q "^PASSED.*test_fused" "$OUT/checks.log" || grep -qE "^(FAILED|ERROR).*test_fused" "$OUT/checks.log"; then
     export LINMU_FUSED_SSD_STEP=0
