@@ -66,6 +66,25 @@ class SpanSegments:
 
 
 @dataclass
+class FlexScanPlan:
+    """Row orders of Flex-MA's two scans for one scan order, as flat token indices ``b * L + pos`` (N = B * L).
+
+    Forward scan: row ``b * L + t`` holds token ``fwd_src`` (the layer's scan order, each batch row on its own).
+    Backward scan: the visual tokens packed span after span, each span in *reversed* scan order, so a causal scan
+    over ``cu_seqlens`` segments is the per-span backward scan.
+    """
+
+    fwd_src: torch.Tensor  # (N,) token at each forward-scan row
+    fwd_segpos: torch.Tensor  # (N,) position of the row inside its batch row (the conv restarts at 0)
+    fwd_row: torch.Tensor  # (N,) forward-scan row of each token
+    bwd_src: torch.Tensor  # (Nv,) token at each backward-scan row
+    bwd_segpos: torch.Tensor  # (Nv,) position of the row inside its reversed span
+    bwd_row: torch.Tensor  # (N,) backward-scan row of each token, -1 for text
+    cu_seqlens: torch.Tensor  # (n_spans + 1,) long, span borders of the backward rows
+    cu_seqlens_cpu: torch.Tensor  # the same on the host (from the span lengths, no device sync)
+
+
+@dataclass
 class WindowIds:
     """3-D window membership: ``ids[b, i]`` is -1 for text, else a window id unique within the batch."""
 
@@ -203,6 +222,40 @@ class TokenLayout:
             to_end = cu[1:][seg] - torch.arange(flat.numel(), device=self.device) - 1
             self._memo["segments"] = SpanSegments(flat, cu, to_end)
         return self._memo["segments"]
+
+    def flex_scan_plan(self, layer_idx: int, rotate: bool = True) -> FlexScanPlan:
+        """Row orders of the forward and per-span backward scans of layer ``layer_idx`` (see
+        :class:`FlexScanPlan`), memoised per distinct scan order; no host sync."""
+        key = ("flex_plan", self._orders(layer_idx, rotate))
+        if key not in self._memo:
+            B, L, dev = self.batch_size, self.seq_len, self.device
+            N = B * L
+            perm = self.scan_permutation(layer_idx, rotate)
+            base = (torch.arange(B, device=dev) * L)[:, None]
+            if perm is None:
+                fwd_src = fwd_row = torch.arange(N, device=dev)
+            else:
+                fwd_src = (base + perm[0]).reshape(-1)
+                fwd_row = (base + perm[1]).reshape(-1)
+            fwd_segpos = torch.arange(L, device=dev).repeat(B)
+            seg = self.span_segments()
+            nv = seg.index.numel()
+            lengths = [s.length for s in self.spans]
+            span_of = torch.repeat_interleave(torch.arange(len(lengths), device=dev),
+                                              torch.tensor(lengths, dtype=torch.long, device=dev))
+            r = torch.arange(nv, device=dev)
+            rev = seg.cu_seqlens[span_of] + seg.cu_seqlens[span_of + 1] - 1 - r  # its own inverse
+            bwd_scanpos = seg.index[rev]  # forward-scan row of each backward row
+            bwd_src = fwd_src[bwd_scanpos]
+            bwd_segpos = r - seg.cu_seqlens[span_of]
+            at_scanpos = torch.full((N,), -1, dtype=torch.long, device=dev)
+            at_scanpos[bwd_scanpos] = r
+            bwd_row = at_scanpos[fwd_row]
+            cu_cpu = torch.zeros(len(lengths) + 1, dtype=torch.long)
+            cu_cpu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.long), 0)
+            self._memo[key] = FlexScanPlan(fwd_src, fwd_segpos, fwd_row, bwd_src, bwd_segpos, bwd_row,
+                                           seg.cu_seqlens, cu_cpu)
+        return self._memo[key]
 
     # ------------------------------------------------------------------ Local-Swin windows
     def window_ids(self, window: tuple[int, int, int], shift: bool) -> WindowIds:

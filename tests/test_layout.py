@@ -60,3 +60,34 @@ def test_layout_errors_name_the_problem():
         TokenLayout.from_spans(1, 20, [VisualSpan(0, 0, (1, 2, 2)), VisualSpan(0, 2, (1, 2, 2))])
     with pytest.raises(ValueError, match="batch row"):
         TokenLayout.from_spans(1, 20, [VisualSpan(1, 0, (1, 2, 2))])
+
+
+@pytest.mark.parametrize("layer", range(4))
+def test_flex_scan_plan_rows(layer):
+    """Forward rows follow the layer's scan order per batch row; backward rows are each span in reversed scan
+    order, packed span after span, with positions counted inside the reversed span."""
+    spans = [VisualSpan(0, 2, (2, 2, 3), "video"), VisualSpan(0, 20, (1, 3, 2), "image"),
+             VisualSpan(1, 0, (3, 2, 2), "video")]
+    B, L = 2, 30
+    layout = TokenLayout.from_spans(B, L, spans)
+    plan = layout.flex_scan_plan(layer)
+    fwd, bwd, bwd_pos, cu = [], [], [], [0]
+    for b in range(B):
+        order = list(range(L))
+        for s in (s for s in spans if s.batch == b):
+            order[s.start:s.start + s.length] = expected_scan(s, layer)
+        fwd += [b * L + i for i in order]
+    for s in spans:
+        rev = [s.batch * L + i for i in reversed(expected_scan(s, layer))]
+        bwd += rev
+        bwd_pos += list(range(len(rev)))
+        cu.append(cu[-1] + len(rev))
+    assert plan.fwd_src.tolist() == fwd
+    assert plan.fwd_segpos.tolist() == list(range(L)) * B
+    assert torch.equal(plan.fwd_src[plan.fwd_row], torch.arange(B * L))
+    assert plan.bwd_src.tolist() == bwd and plan.bwd_segpos.tolist() == bwd_pos
+    assert plan.cu_seqlens.tolist() == cu and plan.cu_seqlens_cpu.tolist() == cu
+    hit = plan.bwd_row >= 0
+    assert torch.equal(hit, layout.is_visual.reshape(-1))
+    assert torch.equal(plan.bwd_src[plan.bwd_row[hit]], torch.arange(B * L)[hit])
+    assert layout.flex_scan_plan(layer) is plan  # memoised

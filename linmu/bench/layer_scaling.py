@@ -1,6 +1,7 @@
 """One decoder attention layer, teacher (SDPA causal) vs M-MATE, swept over sequence length.
 
     python -m linmu.bench.layer_scaling --device cuda --tokens 8192,16384,32768,65536,131072
+    python -m linmu.bench.layer_scaling --device cuda --tokens 131072 --reference --profile
     python -m linmu.bench.layer_scaling --device cpu --ssd-only --tokens 8192,65536
 
 Shapes default to a Qwen2.5-VL-7B decoder layer (hidden 3584, 28 query heads, 4 key/value heads, head_dim 128).
@@ -8,7 +9,12 @@ The sequence is a short text prefix, one video span of ``--frame-tokens`` tokens
 and a text suffix. Both models run the same dtype on the same device, without CUDA graphs, forward only (prefill).
 Times are medians over ``--repeats`` runs after warm-up, measured with CUDA events on GPU. The layout's derived
 indices (scan permutations, window partitions) are built once per forward for all layers, so the M-MATE column is the
-per-layer cost with them built and ``layout ms`` is their one-off cost. Prints a table, then one JSON line.
+per-layer cost with them built and ``layout ms`` is their one-off cost. The M-MATE column is the block's default
+prefill (the fused path on CUDA with fla-core and Triton); ``--reference`` adds the unfused reference path
+(``MMate.fused = "never"``) and ``--separate-gemms`` a fused run with one GEMM per projection. ``--profile`` prints a
+CUDA profile of one fused forward at the largest length: kernel time by category (GEMMs, fla scans, window
+attention, fused elementwise kernels, the rest) and the top kernels, against the GEMM floor of the projections.
+Prints a table, then one JSON line.
 """
 
 from __future__ import annotations
@@ -49,6 +55,42 @@ def _timer(device: torch.device):
     return run
 
 
+def _category(name: str) -> str:
+    n = name.lower()
+    if any(t in n for t in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")):
+        return "gemm"
+    if any(t in n for t in ("flash", "fmha", "attention", "_attn")):
+        return "window attention"
+    if n.startswith("chunk_") or "chunk_fwd" in n or "chunk_local" in n or "simple_gla" in n:
+        return "fla scans"
+    if any(t in n for t in ("conv_kernel", "combine_kernel", "rope_kernel")):
+        return "fused elementwise"
+    return "other (gathers, small elementwise)"
+
+
+def profile_block(fn, flops_gemm: float, path: str | None = None) -> dict:
+    """Kernel time of one call of ``fn`` by category and the top kernels (CUDA profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [(e.key, e.self_device_time_total / 1e3, e.count) for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
+    kernels.sort(key=lambda r: -r[1])
+    cats: dict[str, float] = {}
+    for name, ms, _ in kernels:
+        cats[_category(name)] = cats.get(_category(name), 0.0) + ms
+    total = sum(cats.values())
+    if path:
+        with open(path, "w") as f:
+            f.write(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60, max_name_column_width=90))
+    return {"total_kernel_ms": total, "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+            "gemm_tflops": flops_gemm / max(cats.get("gemm", 0.0), 1e-9) / 1e9,
+            "top": [(name[:90], round(ms, 3), n) for name, ms, n in kernels[:20]]}
+
+
 def video_layout(n_tokens: int, frame_hw: tuple[int, int], device):
     """16 text tokens, a video of as many whole frames as fit, text to the end."""
     from linmu.layout import TokenLayout, VisualSpan
@@ -85,6 +127,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-teacher", action="store_true", help="skip the SDPA teacher layer")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reference", action="store_true", help="also time the unfused reference path of the block")
+    p.add_argument("--separate-gemms", action="store_true", help="also time the fused path with one GEMM each")
+    p.add_argument("--profile", action="store_true", help="CUDA profile of the fused block at the largest length")
+    p.add_argument("--profile-out", default=None, help="write the profiler's full table to this file")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
     args = p.parse_args(argv)
 
@@ -104,7 +150,9 @@ def main(argv=None) -> int:
         attn, rope = build_attention(args.hidden, H, args.kv_heads, P, dtype, device)
         cfg = MMateConfig(ssd_impl=args.ssd_impl, attn_impl=args.attn_impl)
         block = MMate.from_attention(attn, 1, cfg).eval()
-    for n in [int(v) for v in args.tokens.split(",")]:
+    lengths = [int(v) for v in args.tokens.split(",")]
+    max_n = max(lengths)
+    for n in lengths:
         row = {"tokens": n}
         with torch.no_grad():
             # the Flex-MA scan alone, at the layer's shapes
@@ -125,9 +173,24 @@ def main(argv=None) -> int:
                                            args.repeats, args.warmup)
                 cold = lambda: block(u, position_embeddings=pe, linmu_layout=video_layout(n, frame_hw, device))
                 row["mmate_cold_ms"] = timer(cold, max(1, args.repeats // 2), 1)
-                row["mmate_ms"] = timer(lambda: block(u, position_embeddings=pe, linmu_layout=layout),
-                                        args.repeats, args.warmup)
+                run_block = lambda: block(u, position_embeddings=pe, linmu_layout=layout)
+                row["mmate_ms"] = timer(run_block, args.repeats, args.warmup)
                 row["layout_ms"] = max(row["mmate_cold_ms"] - row["mmate_ms"], 0.0)
+                row["fused"] = block._use_fused(u)
+                if args.separate_gemms:
+                    block.fuse_gemms = False
+                    row["mmate_sep_gemm_ms"] = timer(run_block, args.repeats, args.warmup)
+                    block.fuse_gemms = True
+                if args.reference:
+                    block.fused = "never"
+                    row["mmate_ref_ms"] = timer(run_block, max(1, args.repeats // 2), 1)
+                    block.fused = "auto"
+                if args.profile and device.type == "cuda" and n == max_n:
+                    d = block.flex.conv_channels + block.flex.z_proj.out_features + block.flex.dt_proj.out_features \
+                        + 2 * H * P + 2 * args.kv_heads * P
+                    flops = 2.0 * n * args.hidden * d + 2.0 * n * (2 * H * P) * args.hidden
+                    row["profile"] = profile_block(run_block, flops, args.profile_out)
+                    row["gemm_floor_ms_at_790tflops"] = flops / 790e12 * 1e3
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                     block(u, position_embeddings=pe, linmu_layout=layout)
@@ -141,6 +204,10 @@ def main(argv=None) -> int:
     head = f"{'tokens':>8} {'ssd ms':>9} {'x base':>7}"
     if not args.ssd_only:
         head += f" {'mmate ms':>9} {'x base':>7} {'layout ms':>9}"
+        if args.reference:
+            head += f" {'ref ms':>9}"
+        if args.separate_gemms:
+            head += f" {'sepGEMM':>9}"
         if not args.no_teacher:
             head += f" {'sdpa ms':>9} {'x base':>7} {'sdpa/mmate':>10}"
     print(f"device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} dtype={dtype} "
@@ -150,10 +217,23 @@ def main(argv=None) -> int:
         line = f"{r['tokens']:>8} {r['ssd_ms']:>9.2f} {r['ssd_ms'] / base['ssd_ms']:>7.2f}"
         if not args.ssd_only:
             line += f" {r['mmate_ms']:>9.2f} {r['mmate_ms'] / base['mmate_ms']:>7.2f} {r['layout_ms']:>9.2f}"
+            if args.reference:
+                line += f" {r['mmate_ref_ms']:>9.2f}"
+            if args.separate_gemms:
+                line += f" {r['mmate_sep_gemm_ms']:>9.2f}"
             if not args.no_teacher:
                 line += (f" {r['sdpa_ms']:>9.2f} {r['sdpa_ms'] / base['sdpa_ms']:>7.2f}"
                          f" {r['sdpa_ms'] / r['mmate_ms']:>10.2f}")
         print(line)
+    for r in rows:
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"profile at {r['tokens']} tokens: {prof['total_kernel_ms']:.2f} ms of kernels; GEMM floor "
+                  f"{r['gemm_floor_ms_at_790tflops']:.2f} ms at 790 TFLOP/s, GEMMs ran at {prof['gemm_tflops']:.0f}")
+            for cat, ms in prof["categories"].items():
+                print(f"  {cat:<36} {ms:>8.2f} ms")
+            for name, ms, cnt in prof["top"][:12]:
+                print(f"    {ms:>8.3f} ms x{cnt:<3} {name}")
     result = {"device": str(device), "dtype": str(dtype), "heads": H, "head_dim": P, "rows": rows}
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,16 @@ import torch.nn.functional as F
 from ..config import MMateConfig
 from ..layout import TokenLayout
 from ..ops.alignment import alignment_mse
+from ..ops.ssd import ssd_available_impls, ssd_scan
+from ..ops.window_attention import window_attention_sorted
+from . import fused as fk
 from .flexma import FlexMA, FlexMAState
 from .localswin import LocalSwin, SwinState
 from .source import attention_dims
+
+
+# Set when the fused prefill failed on this machine under fused="auto" (see MMate._try_fused).
+_FUSED_FAILED: str | None = None
 
 
 @dataclass
@@ -87,6 +95,13 @@ class MMate(nn.Module):
     # "flex_only": the block's output is Flex-MA alone, unweighted (stage 1 with Local-Swin absent); None: fused
     branch_override: str | None = None
 
+    # Fused prefill (see _fused_forward): "auto" uses it for CUDA inference when fla-core and Triton are there,
+    # "always" whenever the block's settings allow it (on CPU through the kernels' PyTorch references and the torch
+    # scan; for tests), "never" keeps the reference path.
+    fused: str = "auto"
+    # Within the fused prefill: one GEMM for all input projections of both branches (False: one per projection).
+    fuse_gemms: bool = True
+
     # ------------------------------------------------------------------ fusion
     def _fuse(self, u: torch.Tensor, core_f: torch.Tensor | None, core_s: torch.Tensor | None) -> torch.Tensor:
         """Combine the branches' pre-projection outputs (B, L, H*P) into the block output (B, L, hidden)."""
@@ -141,9 +156,204 @@ class MMate(nn.Module):
             cache.store(state)
             cache.seen = L
             return out, None
+        if self._use_fused(hidden_states):
+            fused = self._try_fused(hidden_states, layout, position_embeddings)
+            if fused is not None:
+                return fused[0], None
         core_f = self.flex(hidden_states, layout) if self.flex is not None else None
         core_s = self.swin(hidden_states, layout, position_embeddings) if self.swin is not None else None
         return self._fuse(hidden_states, core_f, core_s), None
+
+    # ------------------------------------------------------------------ fused prefill
+    def _use_fused(self, u: torch.Tensor) -> bool:
+        """Whether forward/prefill take the fused path (same math as the reference path, no autograd)."""
+        if self.fused not in ("auto", "always", "never"):
+            raise ValueError(f"MMate.fused must be 'auto', 'always' or 'never', got {self.fused!r}")
+        cfg = self.config
+        if self.fused == "never" or self.teacher_attn is not None or self.branch_override is not None:
+            return False
+        if cfg.fusion == "gate" or cfg.attn_impl == "reference":
+            return False
+        if self.head_dim & (self.head_dim - 1) or self.head_dim < 2:
+            return False  # the kernels tile a head in powers of two
+        if torch.is_grad_enabled() and (u.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return False
+        if self.fused == "always":
+            return True
+        return (_FUSED_FAILED is None and u.is_cuda and u.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and fk.triton_available() and (self.flex is None or (cfg.ssd_impl != "torch" and "fla" in ssd_available_impls(u.device))))
+
+    def _try_fused(self, *args):
+        """The fused prefill; under ``fused="auto"`` a failure of its kernels on this machine (e.g. a Triton build
+        error on an unsupported GPU) is reported once and the reference path is used from then on."""
+        global _FUSED_FAILED
+        try:
+            return self._fused_forward(*args)
+        except Exception as exc:
+            if self.fused == "always" or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            _FUSED_FAILED = f"{type(exc).__name__}: {exc}"
+            warnings.warn(f"M-MATE fused prefill failed ({_FUSED_FAILED}); using the reference path from now on",
+                          RuntimeWarning, stacklevel=3)
+            return None
+
+    def _input_projections(self, u2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """All input projections of both branches, as column views of one GEMM output (or separate GEMMs)."""
+        lins: list[tuple[str, nn.Linear]] = []
+        if self.flex is not None:
+            f = self.flex
+            lins += [("f_x", f.v_proj), ("f_b", f.k_proj), ("f_c", f.q_proj)]
+        if self.swin is not None:
+            s = self.swin
+            lins += [("s_q", s.q_proj), ("s_k", s.k_proj), ("s_v", s.v_proj)]
+        if self.flex is not None:
+            lins += [("f_z", self.flex.z_proj), ("f_dt", self.flex.dt_proj)]
+        if not self.fuse_gemms:
+            return {name: F.linear(u2, lin.weight, lin.bias) for name, lin in lins}
+        weights = [lin.weight for _, lin in lins]
+        biases = [lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features) for _, lin in lins]
+        width = sum(w.shape[0] for w in weights)
+        pad = (-width) % 8  # keep the output's row stride 16-byte aligned for the GEMM
+        if pad:
+            weights.append(weights[0].new_zeros(pad, u2.shape[1]))
+            biases.append(biases[0].new_zeros(pad))
+        proj = F.linear(u2, torch.cat(weights), torch.cat(biases))
+        out, col = {}, 0
+        for name, lin in lins:
+            out[name] = proj[:, col:col + lin.out_features]
+            col += lin.out_features
+        if self.flex is not None:  # x, B, C are adjacent columns: the conv input needs no copy
+            out["f_xbc"] = proj[:, :self.flex.conv_channels]
+        return out
+
+    def _output_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The branches' output projections side by side, with the fusion weights folded in (head: per input
+        column block, channel: per output row), so one GEMM of [core_flex | core_swin] gives the block output."""
+        ws, bias = [], None
+        for branch, w in ((self.flex, self.w_flex), (self.swin, self.w_swin)):
+            if branch is None:
+                continue
+            W = branch.o_proj.weight
+            if self.config.fusion == "head":
+                ws.append(W * w.repeat_interleave(self.head_dim).to(W.dtype)[None, :])
+                b = None if branch.o_proj.bias is None else w.mean() * branch.o_proj.bias
+            else:
+                ws.append(W * w.to(W.dtype)[:, None])
+                b = None if branch.o_proj.bias is None else w * branch.o_proj.bias
+            if b is not None:
+                bias = b if bias is None else bias + b
+        return torch.cat(ws, dim=1), bias
+
+    def _scan(self, q, k, v, g, x, dt, A, cu_seqlens=None, cu_seqlens_cpu=None, want_state=False):
+        """One simple-GLA scan (q = C, k = B, v = dt x, g = dt A, scale 1): fla on CUDA, else the torch SSD.
+
+        q/k/v (Bn, T, H, P), g and dt (Bn, T, H), x (Bn, T, G, P) at key/value width. Returns (y, state or None)
+        with y (Bn, T, H, P) and state (Bn or segments, H, P, N) float32.
+        """
+        if q.is_cuda and self.config.ssd_impl != "torch" and "fla" in ssd_available_impls(q.device):
+            from fla.ops.simple_gla import chunk_simple_gla
+
+            o, ht = chunk_simple_gla(q, k, v, g=g, scale=1.0, output_final_state=want_state, cu_seqlens=cu_seqlens,
+                                     cu_seqlens_cpu=cu_seqlens_cpu)
+            return o, (None if ht is None else ht.transpose(-1, -2))
+        xh = x.repeat_interleave(q.shape[2] // x.shape[2], dim=2)
+        y, state = ssd_scan(xh, dt, A, k, q, None, return_final_state=True, cu_seqlens=cu_seqlens,
+                            chunk_size=self.config.chunk_size, impl="torch")
+        return y.to(q.dtype), (state if want_state else None)
+
+    @torch.no_grad()
+    def _fused_forward(self, u: torch.Tensor, layout: TokenLayout, position_embeddings, return_state: bool = False,
+                       state_capacity: int | None = None):
+        """The block's prefill in a few large kernels; the same function as the reference path.
+
+        One GEMM for the input projections of both branches; Flex-MA's conv, SiLU, scan order and GQA repeat in
+        one pass per scan direction (:func:`fused.conv_scan_inputs`), fla's simple-GLA scans, both directions +
+        gated RMSNorm in one pass written beside Local-Swin's output (:func:`fused.combine_gated_norm`); Local-Swin's
+        RoPE fused with the gather into window order (:func:`fused.rope_gather`), window attention on those rows
+        (:func:`window_attention_sorted`); one GEMM for both output projections with the fusion weights folded in.
+        """
+        cfg = self.config
+        B, L, hidden = u.shape
+        N = B * L
+        H, P = self.num_heads, self.head_dim
+        flex, swin = self.flex, self.swin
+        proj = self._input_projections(u.reshape(N, hidden))
+        widths = [H * P if br is not None else 0 for br in (flex, swin)]
+        cores = u.new_empty(N, sum(widths))
+        valid = layout.key_valid.reshape(-1) if layout.key_valid is not None else None
+        fs = ss = None
+
+        if flex is not None:
+            G = flex.num_kv_heads
+            K = cfg.d_conv
+            plan = layout.flex_scan_plan(self.layer_idx, cfg.rotary_major_scan)
+            xbc = proj["f_xbc"] if "f_xbc" in proj else torch.cat([proj["f_x"], proj["f_b"], proj["f_c"]], 1)
+            dt_raw = proj["f_dt"]
+            dt = F.softplus(dt_raw.index_select(0, plan.fwd_src).float() + flex.dt_bias_fwd.float())
+            if valid is not None:
+                dt = dt * valid.index_select(0, plan.fwd_src)[:, None]
+            A = -torch.exp(flex.A_log_fwd.float())
+            q, k, v, x_f, _ = fk.conv_scan_inputs(xbc, plan.fwd_src, plan.fwd_segpos, flex.conv_fwd,
+                                                  flex.conv_fwd_bias, valid, dt, G, P)
+            o_f, state = self._scan(q.view(B, L, H, P), k.view(B, L, H, P), v.view(B, L, H, P),
+                                    (dt * A).view(B, L, H), x_f.view(B, L, G, P), dt.view(B, L, H), A,
+                                    want_state=return_state)
+            del q, k, v
+            bwd = (None,) * 5
+            if cfg.bidirectional and layout.has_visual:
+                dt_b = F.softplus(dt_raw.index_select(0, plan.bwd_src).float() + flex.dt_bias_bwd.float())
+                A_b = -torch.exp(flex.A_log_bwd.float())
+                q, k, v, x_b, diag = fk.conv_scan_inputs(xbc, plan.bwd_src, plan.bwd_segpos, flex.conv_bwd,
+                                                         flex.conv_bwd_bias, valid, dt_b, G, P, want_diag=True)
+                o_b, _ = self._scan(q[None], k[None], v[None], (dt_b * A_b)[None], x_b[None], dt_b[None], A_b,
+                                    cu_seqlens=plan.cu_seqlens, cu_seqlens_cpu=plan.cu_seqlens_cpu)
+                del q, k, v
+                bwd = (o_b[0], x_b, diag, flex.D_bwd, plan.bwd_row)
+            fk.combine_gated_norm(cores[:, :widths[0]], proj["f_z"], o_f.reshape(N, H, P), x_f, flex.D_fwd,
+                                  plan.fwd_row, *bwd, flex.norm_weight, cfg.norm_eps)
+            if return_state:
+                # raw (masked) inputs of the last K-1 scan rows of every batch row continue the conv in step()
+                keep = min(K - 1, L)
+                rows = plan.fwd_src.view(B, L)[:, L - keep:].reshape(-1)
+                tail = xbc.index_select(0, rows)
+                if valid is not None:
+                    tail = tail * valid.index_select(0, rows)[:, None].to(tail.dtype)
+                conv = F.pad(tail.view(B, keep, -1).transpose(1, 2), (K - 1 - keep, 0))
+                fs = FlexMAState(conv=conv.contiguous(), ssm=state)
+
+        if swin is not None:
+            Hkv, D = swin.num_kv_heads, swin.head_dim
+            cos, sin = position_embeddings
+            cos = cos.expand(B, L, D).reshape(N, D)
+            sin = sin.expand(B, L, D).reshape(N, D)
+            q = proj["s_q"].view(N, H, D) if proj["s_q"].stride(1) == 1 else proj["s_q"].reshape(N, H, D)
+            k = proj["s_k"].view(N, Hkv, D) if proj["s_k"].stride(1) == 1 else proj["s_k"].reshape(N, Hkv, D)
+            v = proj["s_v"].view(N, Hkv, D) if proj["s_v"].stride(1) == 1 else proj["s_v"].reshape(N, Hkv, D)
+            if swin.q_norm is not None:
+                q = swin.q_norm(q)
+            if swin.k_norm is not None:
+                k = swin.k_norm(k)
+            ids, part = swin._window_ids(layout)
+            order = part.token_order
+            qs = fk.rope_gather(q, order, cos, sin)
+            ks = fk.rope_gather(k, order, cos, sin)
+            vs = fk.rope_gather(v, order, None, None)
+            window_attention_sorted(qs, ks, vs, ids, part, text_window=cfg.text_window, n_sink=cfg.n_sink,
+                                    key_valid=layout.key_valid, scale=swin.scaling,
+                                    out=cores[:, widths[0]:].view(N, H, D))
+            if return_state:
+                row = part.token_row.view(B, L)
+
+                def kv_at(pos):
+                    r = row[:, pos].reshape(-1)
+                    return ks.index_select(0, r).view(B, -1, Hkv, D), vs.index_select(0, r).view(B, -1, Hkv, D)
+
+                ss = swin._prefill_state(kv_at, (B, L, Hkv, D), u.dtype, layout.key_valid, state_capacity)
+            del qs, ks, vs
+
+        W, bias = self._output_weight()
+        out = F.linear(cores, W, bias).view(B, L, -1)
+        return out, (MMateState(fs, ss) if return_state else None)
 
     def _teacher_forced(self, hidden_states, attention_mask, position_ids, position_embeddings, layout, kwargs):
         with torch.no_grad():
@@ -176,6 +386,10 @@ class MMate(nn.Module):
     def prefill(self, hidden_states, layout: TokenLayout, position_embeddings, state_capacity: int | None = None):
         """Full forward that also returns the fixed-size decode state."""
         self._check_len(hidden_states.shape[1])
+        if self._use_fused(hidden_states):
+            fused = self._try_fused(hidden_states, layout, position_embeddings, True, state_capacity)
+            if fused is not None:
+                return fused
         core_f = core_s = fs = ss = None
         if self.flex is not None:
             core_f, fs = self.flex(hidden_states, layout, return_state=True)
