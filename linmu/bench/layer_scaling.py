@@ -1,7 +1,7 @@
 """One decoder attention layer, teacher (SDPA causal) vs M-MATE, swept over sequence length.
 
     python -m linmu.bench.layer_scaling --device cuda --tokens 8192,16384,32768,65536,131072
-    python -m linmu.bench.layer_scaling --device cuda --tokens 131072 --reference --profile
+    python -m linmu.bench.layer_scaling --device cuda --tokens 131072 --reference --fused-gemms --profile
     python -m linmu.bench.layer_scaling --device cpu --ssd-only --tokens 8192,65536
 
 Shapes default to a Qwen2.5-VL-7B decoder layer (hidden 3584, 28 query heads, 4 key/value heads, head_dim 128).
@@ -11,7 +11,8 @@ Times are medians over ``--repeats`` runs after warm-up, measured with CUDA even
 indices (scan permutations, window partitions) are built once per forward for all layers, so the M-MATE column is the
 per-layer cost with them built and ``layout ms`` is their one-off cost. The M-MATE column is the block's default
 prefill (the fused path on CUDA with fla-core and Triton); ``--reference`` adds the unfused reference path
-(``MMate.fused = "never"``) and ``--separate-gemms`` a fused run with one GEMM per projection. ``--profile`` prints a
+(``MMate.fused = "never"``) and ``--fused-gemms`` a fused run with one GEMM for all input and one for both output projections
+(``MMate.fuse_gemms``). ``--profile`` prints a
 CUDA profile of one fused forward at the largest length: kernel time by category (GEMMs, fla scans, window
 attention, fused elementwise kernels, the rest) and the top kernels, against the GEMM floor of the projections.
 Prints a table, then one JSON line.
@@ -128,7 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reference", action="store_true", help="also time the unfused reference path of the block")
-    p.add_argument("--separate-gemms", action="store_true", help="also time the fused path with one GEMM each")
+    p.add_argument("--fused-gemms", action="store_true",
+                   help="also time the fused path with one GEMM for all input / both output projections")
     p.add_argument("--profile", action="store_true", help="CUDA profile of the fused block at the largest length")
     p.add_argument("--profile-out", default=None, help="write the profiler's full table to this file")
     p.add_argument("--json-out", default=None, help="also write the JSON result to this file")
@@ -177,10 +179,10 @@ def main(argv=None) -> int:
                 row["mmate_ms"] = timer(run_block, args.repeats, args.warmup)
                 row["layout_ms"] = max(row["mmate_cold_ms"] - row["mmate_ms"], 0.0)
                 row["fused"] = block._use_fused(u)
-                if args.separate_gemms:
-                    block.fuse_gemms = False
-                    row["mmate_sep_gemm_ms"] = timer(run_block, args.repeats, args.warmup)
+                if args.fused_gemms:
                     block.fuse_gemms = True
+                    row["mmate_fused_gemm_ms"] = timer(run_block, args.repeats, args.warmup)
+                    block.fuse_gemms = False
                 if args.reference:
                     block.fused = "never"
                     row["mmate_ref_ms"] = timer(run_block, max(1, args.repeats // 2), 1)
@@ -206,8 +208,8 @@ def main(argv=None) -> int:
         head += f" {'mmate ms':>9} {'x base':>7} {'layout ms':>9}"
         if args.reference:
             head += f" {'ref ms':>9}"
-        if args.separate_gemms:
-            head += f" {'sepGEMM':>9}"
+        if args.fused_gemms:
+            head += f" {'1GEMM ms':>9}"
         if not args.no_teacher:
             head += f" {'sdpa ms':>9} {'x base':>7} {'sdpa/mmate':>10}"
     print(f"device={torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'} dtype={dtype} "
@@ -219,8 +221,8 @@ def main(argv=None) -> int:
             line += f" {r['mmate_ms']:>9.2f} {r['mmate_ms'] / base['mmate_ms']:>7.2f} {r['layout_ms']:>9.2f}"
             if args.reference:
                 line += f" {r['mmate_ref_ms']:>9.2f}"
-            if args.separate_gemms:
-                line += f" {r['mmate_sep_gemm_ms']:>9.2f}"
+            if args.fused_gemms:
+                line += f" {r['mmate_fused_gemm_ms']:>9.2f}"
             if not args.no_teacher:
                 line += (f" {r['sdpa_ms']:>9.2f} {r['sdpa_ms'] / base['sdpa_ms']:>7.2f}"
                          f" {r['sdpa_ms'] / r['mmate_ms']:>10.2f}")

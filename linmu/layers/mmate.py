@@ -99,8 +99,9 @@ class MMate(nn.Module):
     # "always" whenever the block's settings allow it (on CPU through the kernels' PyTorch references and the torch
     # scan; for tests), "never" keeps the reference path.
     fused: str = "auto"
-    # Within the fused prefill: one GEMM for all input projections of both branches (False: one per projection).
-    fuse_gemms: bool = True
+    # Within the fused prefill: one GEMM for all input projections of both branches and one for both output
+    # projections (False: one GEMM per projection). Off until `layer_scaling --fused-gemms` shows it is faster.
+    fuse_gemms: bool = False
 
     # ------------------------------------------------------------------ fusion
     def _fuse(self, u: torch.Tensor, core_f: torch.Tensor | None, core_s: torch.Tensor | None) -> torch.Tensor:
@@ -226,9 +227,9 @@ class MMate(nn.Module):
             out["f_xbc"] = proj[:, :self.flex.conv_channels]
         return out
 
-    def _output_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The branches' output projections side by side, with the fusion weights folded in (head: per input
-        column block, channel: per output row), so one GEMM of [core_flex | core_swin] gives the block output."""
+    def _output_weights(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The branches' output projection weights with the fusion weights folded in (head: per input column
+        block, channel: per output row), in the order of [core_flex | core_swin], and the combined bias."""
         ws, bias = [], None
         for branch, w in ((self.flex, self.w_flex), (self.swin, self.w_swin)):
             if branch is None:
@@ -242,7 +243,7 @@ class MMate(nn.Module):
                 b = None if branch.o_proj.bias is None else w * branch.o_proj.bias
             if b is not None:
                 bias = b if bias is None else bias + b
-        return torch.cat(ws, dim=1), bias
+        return ws, bias
 
     def _scan(self, q, k, v, g, x, dt, A, cu_seqlens=None, cu_seqlens_cpu=None, want_state=False):
         """One simple-GLA scan (q = C, k = B, v = dt x, g = dt A, scale 1): fla on CUDA, else the torch SSD.
@@ -266,11 +267,12 @@ class MMate(nn.Module):
                        state_capacity: int | None = None):
         """The block's prefill in a few large kernels; the same function as the reference path.
 
-        One GEMM for the input projections of both branches; Flex-MA's conv, SiLU, scan order and GQA repeat in
+        Input projections (one GEMM for both branches with ``fuse_gemms``); Flex-MA's conv, SiLU, scan order and GQA repeat in
         one pass per scan direction (:func:`fused.conv_scan_inputs`), fla's simple-GLA scans, both directions +
         gated RMSNorm in one pass written beside Local-Swin's output (:func:`fused.combine_gated_norm`); Local-Swin's
         RoPE fused with the gather into window order (:func:`fused.rope_gather`), window attention on those rows
-        (:func:`window_attention_sorted`); one GEMM for both output projections with the fusion weights folded in.
+        (:func:`window_attention_sorted`); the output projections with the fusion weights folded into their weights
+        (one GEMM of the concatenated cores with ``fuse_gemms``, else two accumulating GEMMs).
         """
         cfg = self.config
         B, L, hidden = u.shape
@@ -351,8 +353,13 @@ class MMate(nn.Module):
                 ss = swin._prefill_state(kv_at, (B, L, Hkv, D), u.dtype, layout.key_valid, state_capacity)
             del qs, ks, vs
 
-        W, bias = self._output_weight()
-        out = F.linear(cores, W, bias).view(B, L, -1)
+        ws, bias = self._output_weights()
+        if self.fuse_gemms or len(ws) == 1:
+            out = F.linear(cores, torch.cat(ws, dim=1), bias)
+        else:
+            out = F.linear(cores[:, :widths[0]], ws[0], bias)
+            out.addmm_(cores[:, widths[0]:], ws[1].t())
+        out = out.view(B, L, -1)
         return out, (MMateState(fs, ss) if return_state else None)
 
     def _teacher_forced(self, hidden_states, attention_mask, position_ids, position_embeddings, layout, kwargs):
