@@ -460,8 +460,8 @@ def ssd_step(
         B, C: (batch, nheads, d_state).
         D: (nheads,) or (nheads, headdim), or None.
         out: a contiguous tensor of the state's shape and compute dtype to write the new state into, e.g.
-            ``state`` itself (a decode cache updated in place: two passes over the state instead of five, and no
-            state-sized temporaries). None: a new tensor.
+            ``state`` itself (a decode cache updated in place: no state-sized temporaries and no copy back; the
+            torch path still reads and writes the state twice, the fused kernel once). None: a new tensor.
         impl: ``"auto"``: an in-place update (``out is state``) of a float32 CUDA state runs the fused Triton kernel
             of :mod:`linmu.ops.ssd_decode` (one read and one write of the state) when Triton is importable and
             ``LINMU_FUSED_SSD_STEP`` is not ``0``; ``"torch"``: always the PyTorch path below.
