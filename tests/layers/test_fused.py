@@ -47,6 +47,8 @@ def _randomise(block: MMate, seed: int):
                 continue
             positive = name.startswith("w_") or "norm_weight" in name
             v = torch.rand(p.shape, generator=g) * 0.8 + 0.2 if positive else torch.randn(p.shape, generator=g) * 0.3
+            if name.endswith("_proj.weight"):  # z and dt of order 0.3, like the rest: a well-conditioned gated norm
+                v = v / p.shape[1] ** 0.5
             p.copy_(v.to(p.dtype))
 
 
@@ -272,17 +274,17 @@ def test_fused_block_bf16_matches_reference_gpu(layer):
         out2, _ = block16(x16, position_embeddings=pe16, linmu_layout=layout)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out2, out, atol=0, rtol=0)
-    scale = exact.abs().max().item()
-    err_ref = (ref.float() - exact).abs().max().item()
-    err_fused = (out.float() - exact).abs().max().item()
-    print(f"layer {layer}: scale {scale:.3f} err ref {err_ref:.4f} fused {err_fused:.4f}")
-    assert err_fused <= 2 * err_ref + 2e-3 * scale, (err_fused, err_ref, scale)
-    s_scale = exact_state.flex.ssm.abs().max().item()
-    err_s_ref = (ref_state.flex.ssm - exact_state.flex.ssm).abs().max().item()
-    err_s = (state.flex.ssm - exact_state.flex.ssm).abs().max().item()
-    assert err_s <= 2 * err_s_ref + 2e-3 * s_scale, (err_s, err_s_ref, s_scale)
-    torch.testing.assert_close(state.flex.conv, ref_state.flex.conv, atol=0, rtol=0)
+
+    def check(name, got, ref, exact, rel):
+        scale = exact.abs().max().item()
+        err_ref = (ref.float() - exact).abs().max().item()
+        err = (got.float() - exact).abs().max().item()
+        print(f"layer {layer} {name}: scale {scale:.3f} err reference {err_ref:.4g} fused {err:.4g}")
+        assert err <= 2 * err_ref + rel * scale, (name, err, err_ref, scale)
+
+    check("output", out, ref, exact, 2e-3)
+    check("ssm state", state.flex.ssm, ref_state.flex.ssm, exact_state.flex.ssm, 2e-3)
+    check("conv state", state.flex.conv, ref_state.flex.conv, exact_state.flex.conv, 2**-8)
+    check("ring keys", state.swin.k, ref_state.swin.k, exact_state.swin.k, 2**-8)
+    check("ring values", state.swin.v, ref_state.swin.v, exact_state.swin.v, 2**-8)
     torch.testing.assert_close(state.swin.valid, ref_state.swin.valid)
-    err_k = (state.swin.k.float() - exact_state.swin.k).abs().max().item()
-    err_k_ref = (ref_state.swin.k.float() - exact_state.swin.k).abs().max().item()
-    assert err_k <= 2 * err_k_ref + 1e-3 * exact_state.swin.k.abs().max().item()
