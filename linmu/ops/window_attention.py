@@ -26,7 +26,8 @@ Implementations:
   the flash kernel runs on GPU; GQA through ``enable_gqa``, no repeated keys). Text queries use a blocked causal
   sliding window, computed only for the blocks that hold a text query. No L x L tensor is ever built when
   ``text_window < L``. With sinks, or when a visual token is a padding key, the visual windows take a masked
-  SDPA path instead (same result, slower).
+  SDPA path instead (same result, slower). :func:`window_attention_sorted` is the same computation for q/k/v whose
+  rows are already in the partition's window order (the fused M-MATE prefill writes them so).
 
 :func:`window_decode_attention` is the one-token decode step of a text query against a ring buffer of keys.
 
@@ -437,7 +438,7 @@ def _text_into(out, q, k, v, remap, part, text_window, n_sink, key_valid, scale)
     Every row of a listed block is written (its visual rows too: the visual path overwrites them after).
     q: (N, Hq, D), k/v: (N, Hkv, D) in flat token order or, with ``remap``, at row ``remap[b * L + pos]``.
     """
-    B, L = part.batch_size, part.seq_len
+    L = part.seq_len
     Hq, D = q.shape[1:]
     Hkv = k.shape[1]
     G = Hq // Hkv
