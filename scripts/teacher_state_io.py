@@ -21,8 +21,8 @@ if cmd == "split":
     torch.save(avg, Path(dst) / "state_1.pt")
     torch.save(sq, Path(dst) / "state_2.pt")
 elif cmd == "join":
-    s = torch.load(Path(src) / "state_0.pt", weights_only=False)
-    avg, sq = (torch.load(Path(src) / f"state_{i}.pt") for i in (1, 2))
+    s = torch.load(Path(src) / "state_0.pt", map_location="cpu", weights_only=False)
+    avg, sq = (torch.load(Path(src) / f"state_{i}.pt", map_location="cpu") for i in (1, 2))
     rest = s.pop("opt_rest")
     state = {k: dict(rest[k], exp_avg=avg[k], exp_avg_sq=sq[k]) for k in rest}
     s["optimizer"] = {"state": state, "param_groups": s.pop("param_groups")}

@@ -24,11 +24,13 @@ p.add_argument("--seed", type=int, default=0)
 p.add_argument("--eval-every", type=int, default=1000)
 p.add_argument("--n-val", type=int, default=540)
 p.add_argument("--resume", default=None)
+p.add_argument("--extend-to", type=int, default=None, help="with --resume: lengthen the schedule to this many steps")
+p.add_argument("--resume-lr", type=float, default=None, help="with --resume: new peak learning rate")
 p.add_argument("--calibrate", action="store_true", help="fit the step count to --plan-seconds (or --time-budget)")
 p.add_argument("--plan-seconds", type=float, default=None, help="training time the schedule is laid out for")
 a = p.parse_args()
 report = train_teacher(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, time_budget_s=a.time_budget,
-                       workers=a.workers, seed=a.seed, eval_every=a.eval_every, n_val=a.n_val, resume=a.resume, calibrate=a.calibrate, plan_s=a.plan_seconds,
+                       workers=a.workers, seed=a.seed, eval_every=a.eval_every, n_val=a.n_val, resume=a.resume, extend_to=a.extend_to, resume_lr=a.resume_lr, calibrate=a.calibrate, plan_s=a.plan_seconds,
                        log=lambda m: print(m, flush=True))
 print(json.dumps({k: v for k, v in report.items() if k != "history"}))
 print("final validation:", json.dumps(report["history"][-1]))

@@ -152,7 +152,7 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
                   lr: float = 2e-3, pool: int = 2_000_000, seed: int = 0, device=None, eval_every: int = 1000,
                   n_val: int = 540, time_budget_s: float | None = None, workers: int = 0, task_weights=None,
                   resume: str | None = None, calibrate: bool = False, plan_s: float | None = None,
-                  log=print) -> dict:
+                  extend_to: int | None = None, resume_lr: float | None = None, log=print) -> dict:
     """Train the demo teacher from scratch with supervised cross-entropy on the answers; save it to ``out_dir``.
 
     Data: the first ``pool`` examples of the synthetic train split (mix ``task_weights``), generated on the fly, in
@@ -160,7 +160,8 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
     early (``calibrate``: the step count is first fitted to ``plan_s`` or the budget, timed over steps 20-120), saving
     ``out_dir/train_state.pt`` (fp32 weights, optimizer, step, history) that ``resume`` continues
     from, so a long schedule can run as several shorter jobs (each resumed part reshuffles its data with
-    ``seed + step``, so a given sequence of resume points reproduces the same weights). Returns the training
+    ``seed + step``, so a given sequence of resume points reproduces the same weights); ``extend_to`` lengthens the
+    schedule and ``resume_lr`` resets its peak learning rate when resuming. Returns the training
     report (also ``out_dir/teacher_report.json``); the model is saved in bf16 whenever the run stops.
     """
     from transformers import Qwen2VLForConditionalGeneration
@@ -185,7 +186,13 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
         opt.load_state_dict(state["optimizer"])
         step, history, seconds_before = state["step"], state["history"], state["seconds"]
         steps, tasks = state["steps"], state["tasks"]
-        log(f"resumed from {resume} at step {step}/{steps}")
+        if extend_to is not None and extend_to > steps:
+            steps = extend_to  # a longer schedule from here (the factor is recomputed for the new length)
+        if resume_lr is not None:
+            lr = resume_lr
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"] = resume_lr
+        log(f"resumed from {resume} at step {step}/{steps}, peak lr {opt.param_groups[0]['initial_lr']:.1e}")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps), last_epoch=step - 1)
     log(f"teacher: Qwen2-VL from scratch, {n_params / 1e6:.2f} M parameters, training on {device}, "
         f"batch {batch_size}, {steps} steps, mix {tasks}")
