@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -97,8 +98,8 @@ class MMate(nn.Module):
 
     # Fused prefill (see _fused_forward): "auto" uses it for CUDA inference when fla-core and Triton are there,
     # "always" whenever the block's settings allow it (on CPU through the kernels' PyTorch references and the torch
-    # scan; for tests), "never" keeps the reference path.
-    fused: str = "auto"
+    # scan; for tests), "never" keeps the reference path. LINMU_FUSED_PREFILL=never|always|auto sets the default.
+    fused: str = os.environ.get("LINMU_FUSED_PREFILL", "auto")
     # Within the fused prefill: one GEMM for all input projections of both branches and one for both output
     # projections (False: one GEMM per projection). Off until `layer_scaling --fused-gemms` shows it is faster.
     fuse_gemms: bool = False
