@@ -193,7 +193,7 @@ def cmd_demo(args) -> int:
 
     logging.basicConfig(level=logging.WARNING)
     report = run_demo(args.out, quick=args.quick, ablation=args.ablation, retrain_teacher=args.retrain_teacher,
-                      log=lambda m: print(m, flush=True))
+                      settings=args.settings, log=lambda m: print(m, flush=True))
     acc = report["accuracy"]
     for n in acc["teacher"]:
         print(f"{n} frames: teacher {acc['teacher'][n]['accuracy']:.3f}, student {acc['student'][n]['accuracy']:.3f}")
@@ -404,6 +404,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="a minutes-long version (CI)")
     p.add_argument("--ablation", default="none", choices=list(ABLATIONS))
     p.add_argument("--retrain-teacher", action="store_true", help="train the teacher here instead of the shipped one")
+    p.add_argument("--settings", default=None,
+                   help='override demo settings, e.g. "steps=100,100,100;text_window=32;lengths=16,64"')
     p.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
