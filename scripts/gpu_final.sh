@@ -9,15 +9,15 @@ export PYTHONPATH=/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 S=$(date +%s)
 python3 -c "import torch, transformers, fla; print('torch', torch.__version__, 'transformers', transformers.__version__, 'fla', fla.__version__, torch.cuda.get_device_name())"
-timeout 100 python3 -m pytest -q -rA -p no:cacheprovider -m gpu tests/layers/test_fused.py tests/ops/test_window_attention.py \
-    tests/inference/test_decode_state.py tests/bench 2>&1 > "$OUT/checks.log"
+timeout "${CHECKS_S:-240}" python3 -m pytest -q -rA -p no:cacheprovider -m gpu ${CHECKS:-tests/layers/test_fused.py \
+    tests/ops/test_window_attention.py tests/inference/test_decode_state.py tests/bench} > "$OUT/checks.log" 2>&1
 grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$OUT/checks.log" | sed 's/^\(.\{160\}\).*/\1/'
 if grep -qE "^(FAILED|ERROR).*test_fused.py" "$OUT/checks.log" || ! grep -q "^PASSED.*test_fused.py" "$OUT/checks.log"; then
     export LINMU_FUSED_PREFILL=never; echo "fused prefill did not pass on GPU: LINMU_FUSED_PREFILL=never"; fi
 if grep -qE "^(FAILED|ERROR).*test_decode_state.py.*fused" "$OUT/checks.log"; then
     export LINMU_FUSED_SSD_STEP=0; echo "fused SSD step did not pass on GPU: LINMU_FUSED_SSD_STEP=0"; fi
 echo "checks took $(( $(date +%s) - S )) s"
-timeout 75 python3 -m linmu.bench.layer_scaling --device cuda --tokens 131072 --reference --fused-gemms --profile \
+[ "${LAYER:-1}" = 1 ] && timeout 120 python3 -m linmu.bench.layer_scaling --device cuda --tokens 131072 --reference --fused-gemms --profile \
     --no-teacher --repeats 3 --warmup 1 --profile-out "$OUT/profile.txt" --json-out "$OUT/layer.json" 2>&1 \
     | tee "$OUT/layer.log" | tail -22
 echo "layer bench done at $(( $(date +%s) - S )) s"
