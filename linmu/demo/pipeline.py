@@ -45,7 +45,7 @@ class DemoSettings:
     # text attends to the last `text_window` tokens (kept below a training clip's length so that the answer must
     # come through Flex-MA's state, which is what carries to 8x longer clips)
     window: tuple[int, int, int] = (4, 2, 2)
-    text_window: int = 16
+    text_window: int = 32
 
     @classmethod
     def quick(cls) -> "DemoSettings":
