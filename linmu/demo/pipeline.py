@@ -106,8 +106,9 @@ def _stages(ablation: str, settings: DemoSettings):
     stage2 = dict(base, stage=2, steps=s2, lr=1e-3)
     stage3 = dict(base, stage=3, steps=s3, lr=1e-3, w_hidden=1.0, w_kd=1.0, w_ce=0.2, lora_r=8, lora_alpha=16,
                   stage3_mmate=ablation == "one-stage")
-    if ablation == "flex-only":
-        stage2["stage"] = 2  # Local-Swin absent from the model: stage 2 trains Flex-MA and the fusion weights
+    if ablation == "swin-only":
+        # stage 1 trains Flex-MA alone, which this student does not have: its steps go to stage 2
+        return [dict(stage2, steps=s1 + s2), stage3]
     if ablation == "no-stage3":
         return [stage1, stage2]
     if ablation == "one-stage":

@@ -177,6 +177,9 @@ def run_stage(cfg: DistillConfig, *, teacher=None, student=None, dataset=None, c
     sampler = EpochSampler(len(dataset), cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate_fn)
     params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {cfg.stage} has nothing to train in this student (trainable groups: {counts}); "
+                         "e.g. stage 1 trains Flex-MA, which a use_flex=False student does not have")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     if accelerator.distributed_type.name == "FSDP":

@@ -50,3 +50,22 @@ def test_unknown_ablation_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="unknown ablation"):
         run_demo(tmp_path, ablation="nonsense")
+
+
+@pytest.mark.parametrize("ablation", ["none", "flex-only", "swin-only", "one-stage", "no-stage3", "swin-absent-stage1"])
+def test_every_ablation_stage_has_something_to_train(ablation):
+    from linmu.demo.pipeline import DemoSettings, _mmate_config, _stages
+    from linmu.distill.stages import stage1_trainable, stage2_trainable
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    teacher = Qwen2VLForConditionalGeneration(demo_teacher_config(demo_tokenizer(), hidden=64, layers=2))
+    settings = DemoSettings()
+    student = linmu.convert(teacher, _mmate_config(ablation, settings))
+    plan = _stages(ablation, settings)
+    dropped = settings.steps[2] if ablation == "no-stage3" else 0  # the stage that ablation removes
+    assert sum(st["steps"] for st in plan) == sum(settings.steps) - dropped
+    for st in plan:
+        if st["stage"] in (1, 2):
+            groups = (stage1_trainable if st["stage"] == 1 else stage2_trainable)(student)
+            assert sum(p.numel() for g in groups.values() for _, p in g) > 0, (ablation, st["stage"])
