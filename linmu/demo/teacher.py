@@ -204,7 +204,7 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
                                          pin_memory=device.type == "cuda")
     amp = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
            else torch.autocast("cpu", enabled=False))
-    t_data = t_compute = 0.0
+    t_data = 0.0
     loss = torch.zeros(())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,6 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
                     log(f"calibrated: {per_step * 1e3:.0f} ms/step -> {steps} steps in the time budget")
                 if step % 100 == 0:
                     lv = loss.item()  # the only host sync of a step, every 100 steps
-                    t_compute += time.perf_counter() - t_got
                     log(f"step {step}/{steps} loss {lv:.4f} lr {sched.get_last_lr()[0]:.2e} "
                         f"({time.perf_counter() - t_start:.0f}s; data wait {t_data:.0f}s)")
                 t_last = time.perf_counter()
