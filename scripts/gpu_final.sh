@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call (< 10 min) for the speed issue: GPU tests of the fused prefill / window attention / decode kernels,
 # the one-layer benchmark at 128K with a kernel-time profile, then the teacher-vs-LinMU sweep (7B shapes).
+# Env: CHECKS (pytest paths), CHECKS_S, LAYER=0 skips the layer bench, TOKENS, TOTAL (s), BENCH_ARGS (extra bench flags).
 # A fused prefill or fused decode step that fails its GPU test is switched off for the sweep (the log says so).
 set -uo pipefail
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tc
@@ -22,4 +23,4 @@ echo "checks took $(( $(date +%s) - S )) s"
     | tee "$OUT/layer.log" | tail -22
 echo "layer bench done at $(( $(date +%s) - S )) s"
 timeout $(( ${TOTAL:-575} - ($(date +%s) - S) )) python3 -m linmu.cli bench --preset qwen2.5-vl-7b \
-    --tokens "${TOKENS:-8192,32768,131072,262144}" --decode-steps 8 --repeats 2 --warmup 1 --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -25
+    --tokens "${TOKENS:-8192,32768,131072,262144}" --decode-steps 8 --repeats 2 --warmup 1 ${BENCH_ARGS:-} --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -25

@@ -11,7 +11,7 @@ result ships in linmu/demo/assets/teacher (bf16 safetensors + tokenizer + teache
 import argparse
 import json
 
-from linmu.demo.teacher import train_teacher
+from linmu.demo.teacher import TASK_WEIGHTS, train_teacher
 
 p = argparse.ArgumentParser()
 p.add_argument("--out", required=True)
@@ -28,9 +28,14 @@ p.add_argument("--extend-to", type=int, default=None, help="with --resume: lengt
 p.add_argument("--resume-lr", type=float, default=None, help="with --resume: new peak learning rate")
 p.add_argument("--calibrate", action="store_true", help="fit the step count to --plan-seconds (or --time-budget)")
 p.add_argument("--plan-seconds", type=float, default=None, help="training time the schedule is laid out for")
+p.add_argument("--weights", default=None,
+               help='training mix as JSON {"task": weight}, or "default" for TASK_WEIGHTS; without it a resumed run '
+                    'keeps its saved mix')
+p.add_argument("--last", action="store_true", help="export the last weights instead of the best on validation")
 a = p.parse_args()
 report = train_teacher(a.out, steps=a.steps, batch_size=a.batch_size, lr=a.lr, time_budget_s=a.time_budget,
                        workers=a.workers, seed=a.seed, eval_every=a.eval_every, n_val=a.n_val, resume=a.resume, extend_to=a.extend_to, resume_lr=a.resume_lr, calibrate=a.calibrate, plan_s=a.plan_seconds,
+                       task_weights=(TASK_WEIGHTS if a.weights == "default" else json.loads(a.weights)) if a.weights else None, keep_best=not a.last,
                        log=lambda m: print(m, flush=True))
 print(json.dumps({k: v for k, v in report.items() if k != "history"}))
 print("final validation:", json.dumps(report["history"][-1]))

@@ -58,10 +58,11 @@ def _timer(device: torch.device):
 
 def _category(name: str) -> str:
     n = name.lower()
-    if any(t in n for t in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")):
-        return "gemm"
-    if any(t in n for t in ("flash", "fmha", "attention", "_attn")):
+    # attention first: cuDNN's flash kernel names also carry "sm90_"
+    if any(t in n for t in ("flash", "fmha", "attention", "_attn", "sdpa")):
         return "window attention"
+    if any(t in n for t in ("gemm", "nvjet", "xmma", "cutlass", "cublas")):
+        return "gemm"
     if n.startswith("chunk_") or "chunk_fwd" in n or "chunk_local" in n or "simple_gla" in n:
         return "fla scans"
     if any(t in n for t in ("conv_kernel", "combine_kernel", "rope_kernel")):
@@ -189,7 +190,7 @@ def main(argv=None) -> int:
                     block.fused = "auto"
                 if args.profile and device.type == "cuda" and n == max_n:
                     d = block.flex.conv_channels + block.flex.z_proj.out_features + block.flex.dt_proj.out_features \
-                        + 2 * H * P + 2 * args.kv_heads * P
+                        + H * P + 2 * args.kv_heads * P  # Flex-MA x/B/C, z, dt; Local-Swin q, k, v
                     flops = 2.0 * n * args.hidden * d + 2.0 * n * (2 * H * P) * args.hidden
                     row["profile"] = profile_block(run_block, flops, args.profile_out)
                     row["gemm_floor_ms_at_790tflops"] = flops / 790e12 * 1e3

@@ -60,10 +60,11 @@ def demo_processor(model_config, tokenizer):
     return QwenVLProcessor.from_model_config(model_config, tokenizer, min_pixels=56 * 56, max_pixels=56 * 56)
 
 
-# training mix: the compositional tasks (selection by position or by the cue, ordering) are weighted up; the
-# single-object image tasks supply the colour-word and cell-word signal they build on
-TASK_WEIGHTS = {"flash_count": 1, "flash_order": 2, "colour_at_cue": 2, "relation_at_cue": 2, "position_at_cue": 2,
-                "image_colour": 1, "image_where": 1, "image_position": 2, "image_count": 1}
+# training mix: the compositional tasks (selection by position or by the cue, ordering) are weighted up, the flash
+# tasks (the slowest to learn: identify a white object by its shape, then count or order) most; the image tasks
+# supply the colour, cell and shape words they build on
+TASK_WEIGHTS = {"flash_count": 3, "flash_order": 4, "colour_at_cue": 2, "relation_at_cue": 3, "position_at_cue": 2,
+                "image_colour": 1, "image_where": 1, "image_position": 2, "image_count": 1, "image_shape": 2}
 
 
 class RopeIndex:
@@ -152,7 +153,8 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
                   lr: float = 2e-3, pool: int = 2_000_000, seed: int = 0, device=None, eval_every: int = 1000,
                   n_val: int = 540, time_budget_s: float | None = None, workers: int = 0, task_weights=None,
                   resume: str | None = None, calibrate: bool = False, plan_s: float | None = None,
-                  extend_to: int | None = None, resume_lr: float | None = None, log=print) -> dict:
+                  extend_to: int | None = None, resume_lr: float | None = None, keep_best: bool = True,
+                  log=print) -> dict:
     """Train the demo teacher from scratch with supervised cross-entropy on the answers; save it to ``out_dir``.
 
     Data: the first ``pool`` examples of the synthetic train split (mix ``task_weights``), generated on the fly, in
@@ -161,8 +163,10 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
     ``out_dir/train_state.pt`` (fp32 weights, optimizer, step, history) that ``resume`` continues
     from, so a long schedule can run as several shorter jobs (each resumed part reshuffles its data with
     ``seed + step``, so a given sequence of resume points reproduces the same weights); ``extend_to`` lengthens the
-    schedule and ``resume_lr`` resets its peak learning rate when resuming. Returns the training
-    report (also ``out_dir/teacher_report.json``); the model is saved in bf16 whenever the run stops.
+    schedule and ``resume_lr`` resets its peak learning rate when resuming; ``task_weights`` given with ``resume``
+    switches the mix. Returns the training report (also ``out_dir/teacher_report.json``); the model is saved in bf16
+    whenever the run stops: with ``keep_best`` the weights of this run's best validation accuracy (model selection on
+    the validation split; the test split stays unseen), else the last.
     """
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -185,7 +189,8 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step, history, seconds_before = state["step"], state["history"], state["seconds"]
-        steps, tasks = state["steps"], state["tasks"]
+        steps = state["steps"]
+        tasks = tasks if task_weights is not None else state["tasks"]
         if extend_to is not None and extend_to > steps:
             steps = extend_to  # a longer schedule from here (the factor is recomputed for the new length)
         if resume_lr is not None:
@@ -208,6 +213,7 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
     loss = torch.zeros(())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    best = {"acc": -1.0, "step": None, "weights": None}
 
     def evaluate():
         model.eval()
@@ -218,6 +224,9 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
                         "val_per_task": acc["per_task"], "seconds": seconds_before + time.perf_counter() - t_start})
         log(f"step {step}: validation accuracy {acc['accuracy']:.3f} "
             + " ".join(f"{k}={v:.2f}" for k, v in acc["per_task"].items()))
+        if keep_best and acc["accuracy"] > best["acc"]:
+            best.update(acc=acc["accuracy"], step=step,
+                        weights={k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()})
 
     model.train()
     done = step >= steps
@@ -262,9 +271,15 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
                 "tasks": tasks, "history": history, "seconds": seconds}, out_dir / "train_state.pt.tmp")
     (out_dir / "train_state.pt.tmp").replace(out_dir / "train_state.pt")
     model.eval()
+    exported = step
+    if best["weights"] is not None:
+        model.load_state_dict(best["weights"])
+        exported = best["step"]
+        log(f"exporting the weights of step {exported} (best validation accuracy of this run, {best['acc']:.3f})")
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     report = {"seed": seed, "num_frames": num_frames, "steps_planned": steps, "steps_done": step,
+              "exported_step": exported,
               "batch_size": batch_size, "lr": lr, "pool": pool, "tasks": tasks, "parameters": n_params,
               "device": str(device), "seconds": seconds, "history": history}
     (out_dir / "teacher_report.json").write_text(json.dumps(report, indent=2))

@@ -88,3 +88,25 @@ def test_time_budgeted_run_resumes_to_its_planned_steps(tmp_path):
     assert any("resumed" in m for m in logs)
     saved = json.loads((tmp_path / "teacher_report.json").read_text())
     assert saved["steps_done"] == 4
+
+
+def test_export_is_the_best_validation_step_and_resume_can_switch_the_mix(tmp_path, monkeypatch):
+    import linmu.demo.evaluate as ev
+    from linmu.demo.teacher import load_demo_teacher
+
+    scripted = iter([0.5, 0.9, 0.2])  # validation accuracy at steps 1, 2, 3: the best is step 2
+    monkeypatch.setattr(ev, "accuracy", lambda *a, **k: {"accuracy": next(scripted), "per_task": {}})
+    report = train_teacher(tmp_path, num_frames=8, steps=3, batch_size=3, eval_every=1, n_val=9, device="cpu",
+                           log=lambda m: None)
+    assert report["steps_done"] == 3 and report["exported_step"] == 2
+    last = torch.load(tmp_path / "train_state.pt", weights_only=False)["model"]
+    saved = load_demo_teacher(tmp_path)[0].state_dict()
+    assert set(saved) == set(last)
+    # the export holds step 2's weights, not the last step's
+    assert any(not torch.equal(saved[k], last[k].to(torch.bfloat16).float()) for k in saved)
+
+    monkeypatch.setattr(ev, "accuracy", lambda *a, **k: {"accuracy": 0.1, "per_task": {}})
+    resumed = train_teacher(tmp_path / "b", num_frames=8, batch_size=3, eval_every=100, n_val=9, device="cpu",
+                            resume=str(tmp_path / "train_state.pt"), extend_to=4,
+                            task_weights={"image_shape": 1, "flash_order": 1}, log=lambda m: None)
+    assert resumed["steps_done"] == 4 and sorted(resumed["tasks"]) == ["flash_order", "image_shape"]
