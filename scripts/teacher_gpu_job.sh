@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
-# One device job of the demo teacher's training: resume from the split state in .teacher_state/ (carried), train
-# for TIME_BUDGET seconds, evaluate the exported (best-on-validation) weights on the test split, and write to $OUT:
+# One device job of the demo teacher's training: from scratch (STEPS set: a STEPS-step schedule at peak LR) or resumed
+# from the split state in .teacher_state/ (carried), train for TIME_BUDGET seconds, evaluate the exported (best-on-validation) weights on the test split, and write to $OUT:
 # train.log, test.json, teacher.tar (the bf16 teacher directory) and state/state_{0,1,2}.pt (the resumable state).
-#   EXTEND_TO=32000 LR=1e-3 TIME_BUDGET=470 WEIGHTS=default bash scripts/teacher_gpu_job.sh
+#   STEPS=17000 LR=1.5e-3 TIME_BUDGET=470 bash scripts/teacher_gpu_job.sh                 # fresh
+#   EXTEND_TO=32000 LR=1e-3 TIME_BUDGET=470 WEIGHTS=default bash scripts/teacher_gpu_job.sh  # resumed
 set -euo pipefail
 export PYTHONPATH=$PWD
 : "${EXTEND_TO:=32000}" "${LR:=1e-3}" "${TIME_BUDGET:=470}" "${WEIGHTS:=default}" "${WORKERS:=15}"
 nvidia-smi --query-gpu=name --format=csv,noheader
-python scripts/teacher_state_io.py join .teacher_state /tmp/state.pt
-python scripts/train_demo_teacher.py --out /tmp/teacher --resume /tmp/state.pt --extend-to "$EXTEND_TO" \
-    --resume-lr "$LR" --batch-size 128 --time-budget "$TIME_BUDGET" --workers "$WORKERS" --eval-every 1000 \
-    --weights "$WEIGHTS" 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" | tee "$OUT/train.log" | grep "validation\|exporting\|resumed\|mix"
+if [ -n "${STEPS:-}" ]; then
+    ARGS=(--steps "$STEPS" --lr "$LR")
+else
+    python scripts/teacher_state_io.py join .teacher_state /tmp/state.pt
+    ARGS=(--resume /tmp/state.pt --extend-to "$EXTEND_TO" --resume-lr "$LR" --weights "$WEIGHTS")
+fi
+python scripts/train_demo_teacher.py --out /tmp/teacher "${ARGS[@]}" --batch-size 128 --time-budget "$TIME_BUDGET" \
+    --workers "$WORKERS" --eval-every 1000 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" \
+    | tee "$OUT/train.log" | grep "validation\|exporting\|resumed\|mix"
 python - <<'PY' | tee "$OUT/test.json"
 import json, os, torch
 from linmu.demo.teacher import load_demo_teacher
