@@ -35,7 +35,9 @@ ABLATIONS = {
 
 @dataclasses.dataclass
 class DemoSettings:
-    n_train: int = 1200  # distillation examples (train split, training clip length)
+    n_train: int = 1200  # distillation examples (train split)
+    # clip lengths of the distillation set (frames), n_train split evenly over them, distinct seeds per length
+    distill_frames: tuple[int, ...] = (TRAIN_FRAMES,)
     n_test: int = 540  # test examples per clip length (60 per task type)
     steps: tuple[int, int, int] = (300, 300, 300)  # optimizer steps of stages 1, 2, 3
     batch_size: int = 8
@@ -82,6 +84,16 @@ class SyntheticSet(torch.utils.data.Dataset):
 
     def collate(self, items):
         return dict(self.processor.pad(items))
+
+
+def distillation_examples(settings: DemoSettings) -> list:
+    """``settings.n_train`` train-split clips, split evenly over ``settings.distill_frames`` (lengths interleaved,
+    distinct seeds per length)."""
+    from ..synthetic import make_split
+
+    per = -(-settings.n_train // len(settings.distill_frames))
+    parts = [make_split("train", per, f, start=i * per) for i, f in enumerate(settings.distill_frames)]
+    return [ex for group in zip(*parts) for ex in group][:settings.n_train]
 
 
 def _mmate_config(ablation: str, settings: DemoSettings) -> MMateConfig:
@@ -148,10 +160,11 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
 
     # 2. data: the distillation set at the training length; test sets at 1x and 8x that length
     t0 = time.perf_counter()
-    train = make_split("train", settings.n_train, TRAIN_FRAMES)
+    train = distillation_examples(settings)
     tests = {TRAIN_FRAMES: make_split("test", settings.n_test, TRAIN_FRAMES),
              8 * TRAIN_FRAMES: make_split("test", settings.n_test, 8 * TRAIN_FRAMES)}
-    log(f"[2/6] data: {len(train)} distillation clips, {settings.n_test} test clips at {TRAIN_FRAMES} and "
+    log(f"[2/6] data: {len(train)} distillation clips of {'/'.join(map(str, settings.distill_frames))} frames, "
+        f"{settings.n_test} test clips at {TRAIN_FRAMES} and "
         f"{8 * TRAIN_FRAMES} frames ({time.perf_counter() - t0:.0f}s)")
     dataset = SyntheticSet(train, processor)
 

@@ -69,3 +69,16 @@ def test_every_ablation_stage_has_something_to_train(ablation):
         if st["stage"] in (1, 2):
             groups = (stage1_trainable if st["stage"] == 1 else stage2_trainable)(student)
             assert sum(p.numel() for g in groups.values() for _, p in g) > 0, (ablation, st["stage"])
+
+
+def test_distillation_set_mixes_clip_lengths_with_distinct_seeds():
+    from linmu.demo.pipeline import DemoSettings, distillation_examples
+
+    s = DemoSettings(n_train=21).with_overrides("distill_frames=8,16")
+    assert s.distill_frames == (8, 16)
+    ex = distillation_examples(s)
+    assert len(ex) == 21
+    assert [e.frames.shape[0] for e in ex[:4]] == [8, 16, 8, 16]
+    assert len({(e.task, e.metadata["seed"]) for e in ex}) == 21  # no clip repeated at another length
+    assert all(e.metadata["split"] == "train" for e in ex)
+    assert [e.frames.shape[0] for e in distillation_examples(DemoSettings(n_train=5))] == [16] * 5
