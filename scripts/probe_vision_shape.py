@@ -2,9 +2,10 @@
 
     python scripts/probe_vision_shape.py --teacher linmu/demo/assets/teacher [--n 1200]
 
-For `image_shape` images, take the vision tower's merged token of the named cell, fit a logistic regression of the
-shape on the first 75% and print its accuracy on the rest (chance 0.25), for the trained tower and for the same
-architecture at random initialisation.
+For `image_position` images (3-4 objects of distinct colours and shapes), take the vision tower's merged token of the
+asked cell, fit a logistic regression of that object's shape (the object whose colour is the answer) on the first
+75% and print its accuracy on the rest (chance about 0.25), for the trained tower and for the same architecture at
+random initialisation.
 """
 
 import argparse
@@ -15,7 +16,7 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from linmu.demo.teacher import demo_teacher_config, demo_tokenizer, load_demo_teacher
 from linmu.synthetic import generate_example, to_loaded_sample
-from linmu.synthetic.world import CELLS, SHAPES
+from linmu.synthetic.world import SHAPES
 
 p = argparse.ArgumentParser()
 p.add_argument("--teacher", required=True)
@@ -25,8 +26,7 @@ a = p.parse_args()
 torch.manual_seed(0)
 trained, proc = load_demo_teacher(a.teacher)
 random_init = Qwen2VLForConditionalGeneration(demo_teacher_config(demo_tokenizer())).eval()
-examples = [generate_example(a.seed + i, "image_shape", 1) for i in range(a.n)]
-cell_of = {c: i for i, c in enumerate(CELLS)}
+examples = [generate_example(a.seed + i, "image_position", 1) for i in range(a.n)]
 
 
 def features(model):
@@ -37,8 +37,9 @@ def features(model):
             out = model.model.visual(b["pixel_values"].float(), grid_thw=b["image_grid_thw"])
         f = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
         f = f[0] if isinstance(f, (tuple, list)) else f
-        xs.append(f.reshape(-1, f.shape[-1])[cell_of[e.question.split("in the ")[1].rstrip("?")]].float())
-        ys.append(SHAPES.index(e.answer))
+        xs.append(f.reshape(-1, f.shape[-1])[e.metadata["query"]["cell"]].float())
+        shape = next(o["shape"] for o in e.metadata["objects"] if o["colour"] == e.answer)
+        ys.append(SHAPES.index(shape))
     return torch.stack(xs), torch.tensor(ys)
 
 

@@ -62,9 +62,9 @@ def demo_processor(model_config, tokenizer):
 
 # training mix: the compositional tasks (selection by position or by the cue, ordering) are weighted up, the flash
 # tasks (the slowest to learn: identify a white object by its shape, then count or order) most; the image tasks
-# supply the colour, cell and shape words they build on
+# supply the colour and cell words they build on
 TASK_WEIGHTS = {"flash_count": 3, "flash_order": 4, "colour_at_cue": 2, "relation_at_cue": 3, "position_at_cue": 2,
-                "image_colour": 1, "image_where": 1, "image_position": 2, "image_count": 1, "image_shape": 2}
+                "image_colour": 1, "image_where": 1, "image_position": 2, "image_count": 1}
 
 
 class RopeIndex:
@@ -162,8 +162,8 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
     early (``calibrate``: the step count is first fitted to ``plan_s`` or the budget, timed over steps 20-120), saving
     ``out_dir/train_state.pt`` (fp32 weights, optimizer, step, history) that ``resume`` continues
     from, so a long schedule can run as several shorter jobs (each resumed part reshuffles its data with
-    ``seed + step``, so a given sequence of resume points reproduces the same weights); ``extend_to`` lengthens the
-    schedule and ``resume_lr`` resets its peak learning rate when resuming; ``task_weights`` given with ``resume``
+    ``seed + step``, so a given sequence of resume points reproduces the same weights); ``extend_to`` sets a new
+    schedule length (longer or shorter, past the current step) and ``resume_lr`` resets its peak learning rate when resuming; ``task_weights`` given with ``resume``
     switches the mix. Returns the training report (also ``out_dir/teacher_report.json``); the model is saved in bf16
     whenever the run stops: with ``keep_best`` the weights of this run's best validation accuracy (model selection on
     the validation split; the test split stays unseen), else the last.
@@ -191,8 +191,8 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
         step, history, seconds_before = state["step"], state["history"], state["seconds"]
         steps = state["steps"]
         tasks = tasks if task_weights is not None else state["tasks"]
-        if extend_to is not None and extend_to > steps:
-            steps = extend_to  # a longer schedule from here (the factor is recomputed for the new length)
+        if extend_to is not None and extend_to > step:
+            steps = extend_to  # a new schedule length from here (the factor is recomputed for it)
         if resume_lr is not None:
             lr = resume_lr
             for group in opt.param_groups:

@@ -440,31 +440,6 @@ def _a_image_count(scene, q):
     return COUNT_WORDS[sum(1 for tr in scene.objects() if tr.visible(0))]
 
 
-def _build_image_shape(rng_q, rng_t, T, a):
-    n = int(rng_q.integers(3, 5))
-    tracks = _still(rng_q, n)
-    target = next((tr for tr in tracks if tr.shape == SHAPES[a]), None)
-    if target is None:  # n == 3 left the asked shape out: give it to one of the objects
-        target = tracks[int(rng_q.integers(n))]
-        target.shape = SHAPES[a]
-    # some objects are white (as flashing objects and cues are in the videos), so shape is read apart from colour
-    for tr in tracks:
-        if rng_q.random() < 0.3:
-            tr.colour[:] = WHITE_ID
-    return Scene(1, tracks), {"cell": int(target.cell[0])}
-
-
-def _q_image_shape(q):
-    return f"what shape is in the {CELLS[q['cell']]}?"
-
-
-def _a_image_shape(scene, q):
-    tr = scene.at_cell(q["cell"], 0)
-    if tr is None:
-        raise ValueError("no object in the asked cell")
-    return tr.shape
-
-
 def _e_none(scene, q):
     return {}
 
@@ -507,10 +482,6 @@ SPECS: dict[str, TaskSpec] = {s.name: s for s in [
     TaskSpec("image_count", "image", COUNT_WORDS[1:5], "how many shapes are there?",
              "count the objects (1 to 4) in one image",
              _build_image_count, _q_image_count, _a_image_count, _e_none),
-    TaskSpec("image_shape", "image", SHAPES, "what shape is in the {cell}?",
-             "name the shape of the object in the named cell of one image (3 or 4 objects, some white): the shape "
-             "words a flashing (white) object is named by",
-             _build_image_shape, _q_image_shape, _a_image_shape, _e_none),
 ]}
 
 TASKS: list[str] = list(SPECS)

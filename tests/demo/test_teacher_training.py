@@ -108,5 +108,5 @@ def test_export_is_the_best_validation_step_and_resume_can_switch_the_mix(tmp_pa
     monkeypatch.setattr(ev, "accuracy", lambda *a, **k: {"accuracy": 0.1, "per_task": {}})
     resumed = train_teacher(tmp_path / "b", num_frames=8, batch_size=3, eval_every=100, n_val=9, device="cpu",
                             resume=str(tmp_path / "train_state.pt"), extend_to=4,
-                            task_weights={"image_shape": 1, "flash_order": 1}, log=lambda m: None)
-    assert resumed["steps_done"] == 4 and sorted(resumed["tasks"]) == ["flash_order", "image_shape"]
+                            task_weights={"image_count": 1, "flash_order": 1}, log=lambda m: None)
+    assert resumed["steps_done"] == 4 and sorted(resumed["tasks"]) == ["flash_order", "image_count"]
