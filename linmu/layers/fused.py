@@ -66,52 +66,51 @@ def _kernels():
     def conv_kernel(raw, stride_raw, src, segpos, valid, w, bias, dt, q_out, k_out, v_out, x_out, diag_out, R,
                     G: tl.constexpr, P: tl.constexpr, REP: tl.constexpr, K: tl.constexpr,
                     HAS_VALID: tl.constexpr, WANT_DIAG: tl.constexpr, BR: tl.constexpr):
-        pid = tl.program_id(0)
-        g = tl.program_id(1)
+        # one program per (head, block of rows); heads vary fastest, so the REP programs of a group that read the
+        # same x/B rows run together and share them through L2
+        h = tl.program_id(0)
+        pid = tl.program_id(1)
         H = G * REP
+        g = h // REP
         rows = pid * BR + tl.arange(0, BR)
         rmask = rows < R
         p = tl.arange(0, P)
         sp = tl.load(segpos + rows, mask=rmask, other=0)
         cx = g * P + p
         cb = G * P + g * P + p
+        cc = 2 * G * P + h * P + p
         acc_x = tl.zeros([BR, P], dtype=tl.float32) + tl.load(bias + cx).to(tl.float32)[None, :]
         acc_b = tl.zeros([BR, P], dtype=tl.float32) + tl.load(bias + cb).to(tl.float32)[None, :]
+        acc_c = tl.zeros([BR, P], dtype=tl.float32) + tl.load(bias + cc).to(tl.float32)[None, :]
         for j in tl.static_range(K):
             ok = rmask & (sp >= j)
             s = tl.load(src + rows - j, mask=ok, other=0).to(tl.int64)
             base = raw + s[:, None] * stride_raw
             xr = tl.load(base + cx[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             br = tl.load(base + cb[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            cr = tl.load(base + cc[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             if HAS_VALID:
-                vm = tl.load(valid + s, mask=ok, other=0).to(tl.float32)
-                xr = xr * vm[:, None]
-                br = br * vm[:, None]
+                vm = tl.load(valid + s, mask=ok, other=0).to(tl.float32)[:, None]
+                xr = xr * vm
+                br = br * vm
+                cr = cr * vm
             acc_x += xr * tl.load(w + cx * K + (K - 1 - j)).to(tl.float32)[None, :]
             acc_b += br * tl.load(w + cb * K + (K - 1 - j)).to(tl.float32)[None, :]
+            acc_c += cr * tl.load(w + cc * K + (K - 1 - j)).to(tl.float32)[None, :]
         x = acc_x * tl.sigmoid(acc_x)
         b = acc_b * tl.sigmoid(acc_b)
+        c = acc_c * tl.sigmoid(acc_c)
         rows64 = rows.to(tl.int64)
-        tl.store(x_out + rows64[:, None] * (G * P) + cx[None, :], x.to(x_out.dtype.element_ty), mask=rmask[:, None])
-        for i in tl.static_range(REP):
-            h = g * REP + i
-            cc = 2 * G * P + h * P + p
-            acc_c = tl.zeros([BR, P], dtype=tl.float32) + tl.load(bias + cc).to(tl.float32)[None, :]
-            for j in tl.static_range(K):
-                ok = rmask & (sp >= j)
-                s = tl.load(src + rows - j, mask=ok, other=0).to(tl.int64)
-                cr = tl.load(raw + s[:, None] * stride_raw + cc[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-                if HAS_VALID:
-                    cr = cr * tl.load(valid + s, mask=ok, other=0).to(tl.float32)[:, None]
-                acc_c += cr * tl.load(w + cc * K + (K - 1 - j)).to(tl.float32)[None, :]
-            c = acc_c * tl.sigmoid(acc_c)
-            dth = tl.load(dt + rows64 * H + h, mask=rmask, other=0.0)
-            off = rows64[:, None] * (H * P) + h * P + p[None, :]
-            tl.store(q_out + off, c.to(q_out.dtype.element_ty), mask=rmask[:, None])
-            tl.store(k_out + off, b.to(k_out.dtype.element_ty), mask=rmask[:, None])
-            tl.store(v_out + off, (x * dth[:, None]).to(v_out.dtype.element_ty), mask=rmask[:, None])
-            if WANT_DIAG:
-                tl.store(diag_out + rows64 * H + h, dth * tl.sum(c * b, axis=1), mask=rmask)
+        if h % REP == 0:
+            tl.store(x_out + rows64[:, None] * (G * P) + cx[None, :], x.to(x_out.dtype.element_ty),
+                     mask=rmask[:, None])
+        dth = tl.load(dt + rows64 * H + h, mask=rmask, other=0.0)
+        off = rows64[:, None] * (H * P) + h * P + p[None, :]
+        tl.store(q_out + off, c.to(q_out.dtype.element_ty), mask=rmask[:, None])
+        tl.store(k_out + off, b.to(k_out.dtype.element_ty), mask=rmask[:, None])
+        tl.store(v_out + off, (x * dth[:, None]).to(v_out.dtype.element_ty), mask=rmask[:, None])
+        if WANT_DIAG:
+            tl.store(diag_out + rows64 * H + h, dth * tl.sum(c * b, axis=1), mask=rmask)
 
     @triton.jit
     def combine_kernel(out, stride_out, z, stride_z, o_f, x_f, D_f, fwd_row, o_b, x_b, diag_b, D_b, bwd_row,
@@ -222,11 +221,14 @@ def conv_scan_inputs(raw: torch.Tensor, src: torch.Tensor, segpos: torch.Tensor,
         x = raw.new_empty(R, G, P)
         diag = torch.empty(R, H, dtype=torch.float32, device=raw.device) if want_diag else None
         if R > 0:
-            kern[(_grid_rows(R), G)](
+            br = _ROWS
+            while -(-R // br) > 65535:  # CUDA's limit on the second grid axis (~2M rows at 32 per program)
+                br *= 2
+            kern[(H, -(-R // br))](
                 raw, raw.stride(0), src, segpos, valid if valid is not None else src, weight.contiguous(),
                 bias.contiguous(), dt.contiguous(), q, k, v, x, diag if diag is not None else dt, R,
-                G=G, P=P, REP=H // G, K=K, HAS_VALID=valid is not None, WANT_DIAG=want_diag, BR=_ROWS,
-                num_warps=4)
+                G=G, P=P, REP=H // G, K=K, HAS_VALID=valid is not None, WANT_DIAG=want_diag, BR=br,
+                num_warps=4 if br <= 32 else 8)
         return q, k, v, x, diag
     rows = raw.index_select(0, src).float()
     if valid is not None:
