@@ -39,7 +39,7 @@ class DemoSettings:
     # clip lengths of the distillation set (frames), n_train split evenly over them, distinct seeds per length
     distill_frames: tuple[int, ...] = (TRAIN_FRAMES,)
     n_test: int = 540  # test examples per clip length (60 per task type)
-    steps: tuple[int, int, int] = (300, 300, 300)  # optimizer steps of stages 1, 2, 3
+    steps: tuple[int, int, int] = (500, 500, 300)  # optimizer steps of stages 1, 2, 3
     batch_size: int = 8
     lengths: tuple[int, ...] = (16, 64, 128, 256, 512)  # frames in the speed sweep
     decode_tokens: int = 32
