@@ -38,6 +38,9 @@ class DemoSettings:
     n_train: int = 1200  # distillation examples (train split)
     # clip lengths of the distillation set (frames), n_train split evenly over them, distinct seeds per length
     distill_frames: tuple[int, ...] = (TRAIN_FRAMES,)
+    # task mix of the distillation set: "uniform" (every type equally) or "teacher" (the teacher's TASK_WEIGHTS, which
+    # weight the cue and flash types up)
+    distill_mix: str = "uniform"
     n_test: int = 540  # test examples per clip length (60 per task type)
     steps: tuple[int, int, int] = (500, 500, 300)  # optimizer steps of stages 1, 2, 3
     batch_size: int = 8
@@ -88,11 +91,16 @@ class SyntheticSet(torch.utils.data.Dataset):
 
 def distillation_examples(settings: DemoSettings) -> list:
     """``settings.n_train`` train-split clips, split evenly over ``settings.distill_frames`` (lengths interleaved,
-    distinct seeds per length)."""
+    distinct seeds per length), task types uniform or in the teacher's training mix (``settings.distill_mix``)."""
     from ..synthetic import make_split
 
+    from .teacher import weighted_tasks
+
+    if settings.distill_mix not in ("uniform", "teacher"):
+        raise ValueError(f"distill_mix must be 'uniform' or 'teacher', not {settings.distill_mix!r}")
+    tasks = weighted_tasks() if settings.distill_mix == "teacher" else None
     per = -(-settings.n_train // len(settings.distill_frames))
-    parts = [make_split("train", per, f, start=i * per) for i, f in enumerate(settings.distill_frames)]
+    parts = [make_split("train", per, f, tasks=tasks, start=i * per) for i, f in enumerate(settings.distill_frames)]
     return [ex for group in zip(*parts) for ex in group][:settings.n_train]
 
 

@@ -82,3 +82,17 @@ def test_distillation_set_mixes_clip_lengths_with_distinct_seeds():
     assert len({(e.task, e.metadata["seed"]) for e in ex}) == 21  # no clip repeated at another length
     assert all(e.metadata["split"] == "train" for e in ex)
     assert [e.frames.shape[0] for e in distillation_examples(DemoSettings(n_train=5))] == [16] * 5
+
+
+def test_distillation_set_can_follow_the_teachers_task_mix():
+    from collections import Counter
+
+    from linmu.demo.pipeline import DemoSettings, distillation_examples
+    from linmu.demo.teacher import TASK_WEIGHTS
+
+    n = 2 * sum(TASK_WEIGHTS.values())
+    got = Counter(e.task for e in distillation_examples(DemoSettings(n_train=n, distill_mix="teacher")))
+    assert got == {t: 2 * w for t, w in TASK_WEIGHTS.items()}
+    assert len(set(Counter(e.task for e in distillation_examples(DemoSettings(n_train=n))).values())) <= 2
+    with pytest.raises(ValueError, match="distill_mix"):
+        distillation_examples(DemoSettings(n_train=4, distill_mix="hard"))
