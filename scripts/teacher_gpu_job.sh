@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device job of the demo teacher's training: from scratch (STEPS set: a STEPS-step schedule at peak LR) or resumed
-# from the split state in .teacher_state/ (carried), train for TIME_BUDGET seconds, evaluate the exported (best-on-validation) weights on the test split, and write to $OUT:
+# from the split state in .teacher_state/ (carried), train for TIME_BUDGET seconds, evaluate the exported
+# (best-on-validation) weights on the test split, and write to $OUT:
 # train.log, test.json, teacher.tar (the bf16 teacher directory) and state/state_{0,1,2}.pt (the resumable state).
 #   STEPS=17000 LR=1.5e-3 TIME_BUDGET=470 bash scripts/teacher_gpu_job.sh                 # fresh
 #   EXTEND_TO=32000 LR=1e-3 TIME_BUDGET=470 WEIGHTS=default bash scripts/teacher_gpu_job.sh  # resumed
@@ -18,7 +19,7 @@ python scripts/train_demo_teacher.py --out /tmp/teacher "${ARGS[@]}" --batch-siz
     --workers "$WORKERS" --eval-every 1000 2>&1 | grep --line-buffered -v "Loading weights\|Writing model" \
     | tee "$OUT/train.log" | grep "validation\|exporting\|resumed\|mix"
 python - <<'PY' | tee "$OUT/test.json"
-import json, os, torch
+import json
 from linmu.demo.teacher import load_demo_teacher
 from linmu.demo.evaluate import accuracy
 from linmu.demo.vision_attention import vision_attention

@@ -163,8 +163,8 @@ def train_teacher(out_dir, *, num_frames: int = TRAIN_FRAMES, steps: int = 20000
     ``out_dir/train_state.pt`` (fp32 weights, optimizer, step, history) that ``resume`` continues
     from, so a long schedule can run as several shorter jobs (each resumed part reshuffles its data with
     ``seed + step``, so a given sequence of resume points reproduces the same weights); ``extend_to`` sets a new
-    schedule length (longer or shorter, past the current step) and ``resume_lr`` resets its peak learning rate when resuming; ``task_weights`` given with ``resume``
-    switches the mix. Returns the training report (also ``out_dir/teacher_report.json``); the model is saved in bf16
+    schedule length (longer or shorter, past the current step), ``resume_lr`` resets its peak learning rate and
+    ``task_weights`` switches the mix when resuming. Returns the training report (also ``out_dir/teacher_report.json``); the model is saved in bf16
     whenever the run stops: with ``keep_best`` the weights of this run's best validation accuracy (model selection on
     the validation split; the test split stays unseen), else the last.
     """

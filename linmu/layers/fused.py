@@ -177,8 +177,8 @@ def _kernels():
     return dict(conv=conv_kernel, combine=combine_kernel, rope=rope_kernel)
 
 
-def _grid_rows(n: int) -> int:
-    return max(1, -(-n // _ROWS))
+def _grid_rows(n: int, rows: int = _ROWS) -> int:
+    return max(1, -(-n // rows))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -222,9 +222,9 @@ def conv_scan_inputs(raw: torch.Tensor, src: torch.Tensor, segpos: torch.Tensor,
         diag = torch.empty(R, H, dtype=torch.float32, device=raw.device) if want_diag else None
         if R > 0:
             br = _ROWS
-            while -(-R // br) > 65535:  # CUDA's limit on the second grid axis (~2M rows at 32 per program)
+            while _grid_rows(R, br) > 65535:  # CUDA's limit on the second grid axis (~2M rows at 32 per program)
                 br *= 2
-            kern[(H, -(-R // br))](
+            kern[(H, _grid_rows(R, br))](
                 raw, raw.stride(0), src, segpos, valid if valid is not None else src, weight.contiguous(),
                 bias.contiguous(), dt.contiguous(), q, k, v, x, diag if diag is not None else dt, R,
                 G=G, P=P, REP=H // G, K=K, HAS_VALID=valid is not None, WANT_DIAG=want_diag, BR=br,
