@@ -37,12 +37,14 @@ ABLATIONS = {
 class DemoSettings:
     n_train: int = 1200  # distillation examples (train split)
     # clip lengths of the distillation set (frames), n_train split evenly over them, distinct seeds per length
-    distill_frames: tuple[int, ...] = (TRAIN_FRAMES,)
+    # (16 and 32 frames: the 32-frame half teaches Flex-MA to hold a moment over more tokens, which is what carries to
+    # 8x longer clips; docs/DEMO.md, recipe sweeps)
+    distill_frames: tuple[int, ...] = (TRAIN_FRAMES, 2 * TRAIN_FRAMES)
     # task mix of the distillation set: "uniform" (every type equally) or "teacher" (the teacher's TASK_WEIGHTS, which
     # weight the cue and flash types up)
     distill_mix: str = "uniform"
     n_test: int = 540  # test examples per clip length (60 per task type)
-    steps: tuple[int, int, int] = (500, 500, 300)  # optimizer steps of stages 1, 2, 3
+    steps: tuple[int, int, int] = (600, 600, 300)  # optimizer steps of stages 1, 2, 3
     batch_size: int = 8
     lengths: tuple[int, ...] = (16, 64, 128, 256, 512)  # frames in the speed sweep
     decode_tokens: int = 32
@@ -51,6 +53,9 @@ class DemoSettings:
     # come through Flex-MA's state, which is what carries to 8x longer clips)
     window: tuple[int, int, int] = (4, 2, 2)
     text_window: int = 32
+    # per-stage DistillConfig overrides, space-separated "STAGES.field=value" items, e.g.
+    # "12.align_text_weight=4 3.hidden_layers=all" (STAGES: the digits of the stages it applies to)
+    recipe: str = ""
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -117,15 +122,46 @@ def _mmate_config(ablation: str, settings: DemoSettings) -> MMateConfig:
     return MMateConfig(**kw)
 
 
+def _with_recipe(stage_kw: dict, recipe: str) -> dict:
+    """``stage_kw`` with the ``DemoSettings.recipe`` items that name its stage applied (typed as the field)."""
+    from ..distill.config import DistillConfig
+
+    fields = {f.name: f for f in dataclasses.fields(DistillConfig)}
+    out = dict(stage_kw)
+    for item in recipe.split():
+        where, _, rest = item.partition(".")
+        name, eq, value = rest.partition("=")
+        if not where.isdigit() or not set(where) <= set("123") or not eq:
+            raise ValueError(f"recipe item {item!r} is not STAGES.field=value (e.g. 3.hidden_layers=all)")
+        if name not in fields or name in ("stage", "output_dir"):
+            raise ValueError(f"recipe item {item!r}: {name!r} is not a distillation setting")
+        if str(stage_kw["stage"]) not in where:
+            continue
+        kind = type(getattr(DistillConfig(), name))
+        if kind is bool:
+            out[name] = value.lower() in ("1", "true", "yes")
+        elif kind in (int, float):
+            out[name] = kind(value)
+        elif value == "none":
+            out[name] = None
+        elif kind is type(None):  # optional numbers (e.g. fps, max_length)
+            out[name] = json.loads(value)
+        else:
+            out[name] = value
+    return out
+
+
 def _stages(ablation: str, settings: DemoSettings):
     s1, s2, s3 = settings.steps
     base = dict(batch_size=settings.batch_size, tensorboard=False, save_every=10**9, kd_tokens="answer",
                 warmup_steps=5)
-    stage1 = dict(base, stage=1, steps=s1, lr=3e-3, stage1_swin="absent" if ablation == "swin-absent-stage1" else
+    # learning rates from the recipe sweeps of docs/DEMO.md (twice the first ones: +4-9 points at the same steps)
+    stage1 = dict(base, stage=1, steps=s1, lr=6e-3, stage1_swin="absent" if ablation == "swin-absent-stage1" else
                   "frozen")
-    stage2 = dict(base, stage=2, steps=s2, lr=1e-3)
-    stage3 = dict(base, stage=3, steps=s3, lr=1e-3, w_hidden=1.0, w_kd=1.0, w_ce=0.2, lora_r=8, lora_alpha=16,
+    stage2 = dict(base, stage=2, steps=s2, lr=2e-3)
+    stage3 = dict(base, stage=3, steps=s3, lr=2e-3, w_hidden=1.0, w_kd=1.0, w_ce=0.2, lora_r=8, lora_alpha=16,
                   stage3_mmate=ablation == "one-stage")
+    stage1, stage2, stage3 = (_with_recipe(kw, settings.recipe) for kw in (stage1, stage2, stage3))
     if ablation == "swin-only":
         # stage 1 trains Flex-MA alone, which this student does not have: its steps go to stage 2
         return [dict(stage2, steps=s1 + s2), stage3]
@@ -190,6 +226,7 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
                        "first_loss": losses[0], "last_loss": losses[-1]})
     if (out / "student").exists():
         shutil.rmtree(out / "student")
+    student.to(next(teacher.parameters()).device)  # evaluated where the teacher is (a GPU when distilled on one)
     student.save_pretrained(out / "student")
     processor.tokenizer.save_pretrained(out / "student")
     report["stages"] = stages

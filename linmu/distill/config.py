@@ -38,6 +38,7 @@ class DistillConfig:
     gradient_checkpointing: bool = False
     # --- losses (weights; a weight of 0 skips the term)
     w_align: float = 1.0  # stages 1-2: per-layer MSE of the M-MATE output to the teacher attention output
+    align_text_weight: float = 1.0  # stages 1-2: weight of text positions relative to visual ones in that MSE
     w_kd: float = 0.0  # token-level KD, KL(teacher || student) with temperature
     w_hidden: float = 1.0  # stage 3: hidden-state alignment
     hidden_layers: str = "final"  # stage 3: "final" (last hidden state) or "all" (every layer, averaged)

@@ -77,13 +77,14 @@ def stage_losses(cfg: DistillConfig, student, teacher, batch: dict) -> dict[str,
         terms["align"] = torch.stack(layer_losses).mean()
         if cfg.w_kd:
             # teacher forcing makes this forward's logits the teacher's; the student's own come from a free run
-            teachers = [b.teacher_attn for b in base.mmate_blocks()]
+            saved = [(b.teacher_attn, b.branch_override, b.align_text_weight) for b in base.mmate_blocks()]
             detach_teachers(base)
             try:
                 s_logits = student(**inputs, use_cache=False).logits
             finally:
-                for b, t in zip(base.mmate_blocks(), teachers):
+                for b, (t, override, text_weight) in zip(base.mmate_blocks(), saved):
                     b.attach_teacher(t)
+                    b.branch_override, b.align_text_weight = override, text_weight
             mask = counted_tokens(batch.get("labels"), nonpad, cfg.kd_tokens)
             terms["kd"] = token_kd(s_logits, out.logits.detach(), mask, cfg.temperature)
         weights = {"align": cfg.w_align, "kd": cfg.w_kd}
@@ -133,7 +134,8 @@ def _prepare_student(cfg: DistillConfig, teacher, student):
 
             student = convert(teacher, MMateConfig.from_dict(cfg.mmate))
     if cfg.stage in (1, 2):
-        attach_teachers(student, teacher, swin=cfg.stage1_swin if cfg.stage == 1 else "frozen")
+        attach_teachers(student, teacher, swin=cfg.stage1_swin if cfg.stage == 1 else "frozen",
+                        text_weight=cfg.align_text_weight)
     else:
         detach_teachers(student)
         student = add_lora(student, r=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets)

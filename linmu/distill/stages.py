@@ -69,12 +69,15 @@ def set_trainable(model, groups: dict[str, list[tuple[str, nn.Parameter]]]) -> d
     return counts
 
 
-def attach_teachers(student, teacher, swin: str = "frozen") -> None:
+def attach_teachers(student, teacher, swin: str = "frozen", text_weight: float = 1.0) -> None:
     """Teacher forcing for stages 1-2: each M-MATE block keeps the teacher attention of its layer.
 
     ``swin``: "frozen" (Local-Swin present in the output but not trained) or "absent" (the block's output is
-    Flex-MA alone in stage 1). Stage 2 passes "frozen" and trains it.
+    Flex-MA alone in stage 1). Stage 2 passes "frozen" and trains it. ``text_weight``: weight of a text position
+    relative to a visual one in the per-layer alignment loss.
     """
+    if not text_weight >= 0:
+        raise ValueError(f"the alignment's text weight must be >= 0, got {text_weight}")
     if swin not in ("frozen", "absent"):
         raise ValueError(f"stage-1 Local-Swin mode must be 'frozen' or 'absent', got {swin!r}")
     t_layers = _teacher_decoder_layers(teacher)
@@ -84,12 +87,14 @@ def attach_teachers(student, teacher, swin: str = "frozen") -> None:
     for block, layer in zip(s_blocks, t_layers):
         block.attach_teacher(layer.self_attn)
         block.branch_override = "flex_only" if swin == "absent" else None
+        block.align_text_weight = float(text_weight)
 
 
 def detach_teachers(student) -> None:
     for block in student.mmate_blocks():
         block.attach_teacher(None)
         block.branch_override = None
+        block.align_text_weight = 1.0
 
 
 def alignment_losses(student) -> list:

@@ -89,6 +89,9 @@ class MMate(nn.Module):
         self.__dict__["_teacher_attn"] = attn
         self.alignment_loss = None
 
+    # weight of a text position relative to a visual one in the alignment loss (``DistillConfig.align_text_weight``)
+    align_text_weight: float = 1.0
+
     @property
     def teacher_attn(self) -> nn.Module | None:
         return self.__dict__.get("_teacher_attn")
@@ -373,7 +376,11 @@ class MMate(nn.Module):
             core_s = self.swin(hidden_states, layout, position_embeddings) if self.swin is not None else None
         core_f = self.flex(hidden_states, layout) if self.flex is not None else None
         student = self._fuse(hidden_states, core_f, core_s)
-        self.alignment_loss = alignment_mse(student, target, layout.key_valid)
+        weight = layout.key_valid
+        if self.align_text_weight != 1.0:
+            text = (~layout.is_visual).to(student.dtype)
+            weight = (1.0 + (self.align_text_weight - 1.0) * text) * (1.0 if weight is None else weight.to(text.dtype))
+        self.alignment_loss = alignment_mse(student, target, weight)
         return target, None
 
     def _decode(self, hidden_states, cache, position_embeddings):

@@ -1,0 +1,86 @@
+"""Run several `linmu demo` recipes side by side (e.g. on a GPU machine) and print one table of the students.
+
+    python scripts/demo_sweep.py --out /tmp/sweep --jobs 8 --timeout 540 \
+        base="lengths=16" text4="lengths=16;recipe=12.align_text_weight=4"
+
+Each NAME=SETTINGS runs `python -m linmu.cli demo --out OUT/NAME --settings SETTINGS` (threads per process:
+``--threads``) with a wall-clock limit; runs that did not finish are listed as such. Writes OUT/summary.json and prints
+a markdown table (overall and per task type of the student at both clip lengths, Δ to the teacher, stage seconds).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHORT = {"flash_count": "fc", "flash_order": "fo", "colour_at_cue": "cc", "relation_at_cue": "rc",
+         "position_at_cue": "pc", "image_colour": "ic", "image_where": "iw", "image_position": "ip", "image_count": "in"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--jobs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=540, help="seconds for the whole sweep")
+    ap.add_argument("variants", nargs="+", help="NAME=SETTINGS")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [v.partition("=")[::2] for v in args.variants]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=os.getcwd())
+    t0, running, done = time.time(), {}, {}
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name, spec = todo.pop(0)
+            log = open(out / f"{name}.log", "w")
+            running[name] = subprocess.Popen([sys.executable, "-m", "linmu.cli", "demo", "--out", str(out / name),
+                                              "--settings", spec], stdout=log, stderr=subprocess.STDOUT, env=env)
+        time.sleep(2)
+        for name, p in list(running.items()):
+            if p.poll() is not None:
+                done[name] = p.returncode
+                del running[name]
+                print(f"[{time.time() - t0:.0f}s] {name} exit {p.returncode}", flush=True)
+        if time.time() - t0 > args.timeout:
+            for name, p in running.items():
+                p.kill()
+                done[name] = "timeout"
+            running, todo = {}, []
+    rows = {}
+    for name, rc in done.items():
+        f = out / name / "report.json"
+        rows[name] = json.loads(f.read_text()) if f.is_file() else {"exit": rc}
+    (out / "summary.json").write_text(json.dumps(rows, indent=1))
+    table(rows)
+
+
+def table(rows):
+    tasks = list(SHORT)
+    head = ["run", "stage s"] + [f"{w} {n}" for n in ("16", "128") for w in ("S", "Δ")]
+    head += [f"{SHORT[t]}{n}" for n in ("16", "128") for t in tasks]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for name, r in rows.items():
+        if "accuracy" not in r:
+            print(f"| {name} | {r.get('exit')} |")
+            continue
+        a = r["accuracy"]
+        cells = [name, "+".join(f"{s['seconds']:.0f}" for s in r["stages"])]
+        for n in ("16", "128"):
+            cells += [f"{a['student'][n]['accuracy']:.3f}", f"{a['student'][n]['accuracy'] - a['teacher'][n]['accuracy']:+.3f}"]
+        for n in ("16", "128"):
+            cells += [f"{a['student'][n]['per_task'][t]:.2f}" for t in tasks]
+        print("| " + " | ".join(cells) + " |")
+    any_r = next((r for r in rows.values() if "accuracy" in r), None)
+    if any_r:
+        t = any_r["accuracy"]["teacher"]
+        print("teacher: " + ", ".join(f"{n}: {t[n]['accuracy']:.3f} (" + " ".join(
+            f"{SHORT[k]} {t[n]['per_task'][k]:.2f}" for k in tasks) + ")" for n in ("16", "128")))
+
+
+if __name__ == "__main__":
+    main()
