@@ -81,7 +81,7 @@ def test_distillation_set_mixes_clip_lengths_with_distinct_seeds():
     assert [e.frames.shape[0] for e in ex[:4]] == [8, 16, 8, 16]
     assert len({(e.task, e.metadata["seed"]) for e in ex}) == 21  # no clip repeated at another length
     assert all(e.metadata["split"] == "train" for e in ex)
-    assert [e.frames.shape[0] for e in distillation_examples(DemoSettings(n_train=5))] == [16] * 5
+    assert [e.frames.shape[0] for e in distillation_examples(DemoSettings(n_train=5))] == [16, 32, 16, 32, 16]
 
 
 def test_distillation_set_can_follow_the_teachers_task_mix():
@@ -96,3 +96,19 @@ def test_distillation_set_can_follow_the_teachers_task_mix():
     assert len(set(Counter(e.task for e in distillation_examples(DemoSettings(n_train=n))).values())) <= 2
     with pytest.raises(ValueError, match="distill_mix"):
         distillation_examples(DemoSettings(n_train=4, distill_mix="hard"))
+
+
+def test_recipe_overrides_the_named_stages_with_typed_values():
+    from linmu.demo.pipeline import DemoSettings, _stages
+
+    s = DemoSettings().with_overrides("recipe=12.align_text_weight=4 3.hidden_layers=all 1.lr=0.01 "
+                                      "3.stage3_mmate=true 2.fps=2.5 23.lora_r=4")
+    one, two, three = _stages("none", s)
+    assert (one["lr"], two["lr"], three["lr"]) == (0.01, 2e-3, 2e-3)
+    assert one["align_text_weight"] == two["align_text_weight"] == 4.0 and "align_text_weight" not in three
+    assert three["hidden_layers"] == "all" and three["stage3_mmate"] is True and three["lora_r"] == 4
+    assert two["fps"] == 2.5 and "fps" not in one  # an optional number (None by default)
+    for bad, match in (("3hidden_layers=all", "STAGES.field=value"), ("4.lr=1", "STAGES.field=value"),
+                       ("3.nonsense=1", "not a distillation setting"), ("3.output_dir=/x", "not a distillation")):
+        with pytest.raises(ValueError, match=match):
+            _stages("none", DemoSettings(recipe=bad))

@@ -68,6 +68,41 @@ def test_few_steps_reduce_the_loss_on_a_fixed_batch(teacher, stage, extra, tmp_p
     assert losses[-1] < 0.85 * losses[0] and losses[-1] < min(losses[:4]), losses
 
 
+def test_alignment_text_weight_weights_text_positions_and_survives_the_kd_pass(teacher):
+    """Per layer, loss(w) = (S_vis + w S_text) / (N_vis + w N_text): predicted for w = 3 from the w = 0 and w = 1
+    losses and the token counts; the stage-1 KD pass (a free run with the teachers detached) keeps the weight and
+    the Local-Swin-absent override."""
+    from linmu.distill.stages import alignment_losses, attach_teachers
+
+    torch.manual_seed(2)
+    student = linmu.convert(teacher, linmu.MMateConfig(**MMATE))
+    batch = collate([TinySet(teacher, 2)[i] for i in range(2)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    layout = student.linmu_layout(inputs)
+    valid = inputs["attention_mask"].bool()
+    n_vis = float((layout.is_visual & valid).sum())
+    n_text = float((~layout.is_visual & valid).sum())
+    assert n_vis > 0 and n_text > 0
+
+    def losses(w):
+        attach_teachers(student, teacher, swin="absent", text_weight=w)
+        with torch.no_grad():
+            student(**inputs, use_cache=False)
+        return torch.stack(alignment_losses(student)).double()
+
+    l0, l1, l3 = losses(0.0), losses(1.0), losses(3.0)
+    s_vis = l0 * n_vis
+    s_text = l1 * (n_vis + n_text) - s_vis
+    torch.testing.assert_close(l3, (s_vis + 3 * s_text) / (n_vis + 3 * n_text), rtol=1e-5, atol=0)
+    assert not torch.allclose(l3, l1)
+    cfg = DistillConfig(stage=1, mmate=MMATE, w_kd=0.5, stage1_swin="absent", align_text_weight=3.0)
+    for _ in range(2):
+        stage_losses(cfg, student, teacher, batch)
+        assert all(b.branch_override == "flex_only" and b.align_text_weight == 3.0 for b in student.mmate_blocks())
+    with pytest.raises(ValueError, match="text weight"):
+        attach_teachers(student, teacher, text_weight=-1.0)
+
+
 def _cfg(tmp_path, **kw):
     base = dict(stage=2, output_dir=str(tmp_path), mmate=MMATE, steps=6, batch_size=2, grad_accum=2, lr=2e-3,
                 save_every=2, seed=3, warmup_steps=2, tensorboard=True)

@@ -78,6 +78,15 @@ def test_alignment_mse_masks_padding_and_is_zero_at_equality():
     assert alignment_mse(a, b, mask).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
+def test_alignment_mse_with_float_weights_is_the_weighted_mean():
+    torch.manual_seed(5)
+    a, b = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    w = torch.rand(2, 5) * 3
+    per_pos = ((a - b) ** 2).mean(-1)
+    assert alignment_mse(a, b, w).item() == pytest.approx(((per_pos * w).sum() / w.sum()).item(), rel=1e-6)
+    assert alignment_mse(a, b, torch.ones(2, 5)).item() == pytest.approx(alignment_mse(a, b).item(), rel=1e-6)
+
+
 def test_nonpad_mode_and_errors():
     am = torch.tensor([[0, 1, 1]])
     assert counted_tokens(None, am, "nonpad").tolist() == [[False, True, True]]
