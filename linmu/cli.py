@@ -405,7 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--ablation", default="none", choices=list(ABLATIONS))
     p.add_argument("--retrain-teacher", action="store_true", help="train the teacher here instead of the shipped one")
     p.add_argument("--settings", default=None,
-                   help='override demo settings, e.g. "steps=100,100,100;text_window=32;lengths=16,64"')
+                   help='override demo settings, e.g. "steps=100,100,100;text_window=32;lengths=16,64"; '
+                        '"recipe=12.align_text_weight=4 3.lora_r=16" overrides distillation settings per stage')
     p.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
     return args.func(args)
