@@ -182,6 +182,7 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
     from ..synthetic import chance_levels, make_split
     from .evaluate import accuracy
     from .speed import speed_sweep
+    from .vision_attention import vision_attention
 
     if ablation not in ABLATIONS:
         raise ValueError(f"unknown ablation {ablation!r}; choose from {', '.join(ABLATIONS)}")
@@ -219,7 +220,9 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
         t0 = time.perf_counter()
         cfg = DistillConfig(output_dir=str(out / "runs" / f"stage{kw['stage']}"), seed=i, **kw)
         log(f"[3/6] stage {cfg.stage}: {cfg.steps} steps")
-        final = run_stage(cfg, teacher=teacher, student=student, dataset=dataset, collate_fn=dataset.collate)
+        # the vision towers (frozen, the teacher's) attend per frame in one packed call (vision_attention.py)
+        with vision_attention(teacher), vision_attention(student):
+            final = run_stage(cfg, teacher=teacher, student=student, dataset=dataset, collate_fn=dataset.collate)
         student = load(final)
         losses = [json.loads(l)["loss"] for l in (Path(cfg.output_dir) / "log.jsonl").read_text().splitlines()]
         stages.append({"stage": cfg.stage, "steps": cfg.steps, "seconds": time.perf_counter() - t0,
@@ -235,7 +238,8 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
     log("[4/6] evaluating teacher and student")
     acc = {}
     for name, model in (("teacher", teacher), ("student", student)):
-        acc[name] = {str(n): accuracy(model, processor, ex, batch_size=16) for n, ex in tests.items()}
+        with vision_attention(model):
+            acc[name] = {str(n): accuracy(model, processor, ex, batch_size=16) for n, ex in tests.items()}
         log(f"    {name}: " + ", ".join(f"{n} frames {a['accuracy']:.3f}" for n, a in acc[name].items()))
     report["accuracy"] = acc
 

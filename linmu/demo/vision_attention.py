@@ -7,7 +7,8 @@ a training step. ``packed_vision_attention`` registers an implementation whose n
 packed path is taken, and computes it with SDPA: equal-length sequences are batched exactly, otherwise a
 block-diagonal mask is used. It is numerically the same computation as the per-sequence loop.
 
-Used only while training / evaluating the demo teacher (``vision_attention(model)``); saved configs keep "sdpa".
+Used while the demo teacher trains and while `linmu demo` distils and evaluates (``vision_attention(model)``, teacher
+and student); saved configs keep "sdpa".
 """
 
 from __future__ import annotations
