@@ -177,7 +177,7 @@ class MMate(nn.Module):
         cfg = self.config
         if self.fused == "never" or self.teacher_attn is not None or self.branch_override is not None:
             return False
-        if cfg.fusion == "gate" or cfg.attn_impl == "reference":
+        if cfg.attn_impl == "reference":
             return False
         if self.head_dim & (self.head_dim - 1) or self.head_dim < 2:
             return False  # the kernels tile a head in powers of two
@@ -233,12 +233,17 @@ class MMate(nn.Module):
 
     def _output_weights(self) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """The branches' output projection weights with the fusion weights folded in (head: per input column
-        block, channel: per output row), in the order of [core_flex | core_swin], and the combined bias."""
+        block, channel: per output row; gate: unscaled, the caller scales the cores per token), in the order of
+        [core_flex | core_swin], and the combined bias (the gate's per-token bias is the caller's too)."""
         ws, bias = [], None
-        for branch, w in ((self.flex, self.w_flex), (self.swin, self.w_swin)):
+        for branch, name in ((self.flex, "w_flex"), (self.swin, "w_swin")):
             if branch is None:
                 continue
             W = branch.o_proj.weight
+            if self.config.fusion == "gate":  # per-token: applied to the cores by the caller
+                ws.append(W)
+                continue
+            w = getattr(self, name)
             if self.config.fusion == "head":
                 ws.append(W * w.repeat_interleave(self.head_dim).to(W.dtype)[None, :])
                 b = None if branch.o_proj.bias is None else w.mean() * branch.o_proj.bias
@@ -358,11 +363,28 @@ class MMate(nn.Module):
             del qs, ks, vs
 
         ws, bias = self._output_weights()
+        if cfg.fusion == "gate":
+            # per-token weights cannot be folded into the projection: scale the cores (g, 1 - g per head) in place
+            g = torch.sigmoid(self.gate(u.reshape(N, hidden)))  # (N, H), in u's dtype as in _fuse
+            for i, (branch, w) in enumerate(((flex, g), (swin, 1 - g))):
+                if branch is None:
+                    continue
+                lo = widths[0] if i else 0
+                cores[:, lo:lo + widths[i]].view(N, H, P).mul_(w[..., None].to(cores.dtype))
+                if branch.o_proj.bias is not None:
+                    b = w.mean(-1, keepdim=True) * branch.o_proj.bias
+                    bias = b if bias is None else bias + b
+        if bias is not None and bias.dim() == 2:  # per-token bias (gate): added after the GEMMs
+            token_bias, bias = bias, None
+        else:
+            token_bias = None
         if self.fuse_gemms or len(ws) == 1:
             out = F.linear(cores, torch.cat(ws, dim=1), bias)
         else:
             out = F.linear(cores[:, :widths[0]], ws[0], bias)
             out.addmm_(cores[:, widths[0]:], ws[1].t())
+        if token_bias is not None:
+            out = out + token_bias.to(out.dtype)
         out = out.view(B, L, -1)
         return out, (MMateState(fs, ss) if return_state else None)
 

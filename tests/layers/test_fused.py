@@ -40,7 +40,7 @@ def _layout(device="cpu"):
 def _randomise(block: MMate, seed: int):
     """Non-trivial values for every parameter the teacher does not have (fusion weights, conv, dt, A, D, norm)."""
     g = torch.Generator().manual_seed(seed)
-    new = ("conv_", "dt_bias", "A_log", "D_", "dt_proj", "z_proj", "norm_weight", "w_flex", "w_swin")
+    new = ("conv_", "dt_bias", "A_log", "D_", "dt_proj", "z_proj", "norm_weight", "w_flex", "w_swin", "gate")
     with torch.no_grad():
         for name, p in block.named_parameters():
             if not any(name.split(".")[-1].startswith(t) or f".{t}" in f".{name}" for t in new):
@@ -61,6 +61,9 @@ CASES = [
     (1, "head", True, 0, False, True, True),
     (2, "head", True, 0, True, True, False),
     (3, "head", True, 3, True, False, True),
+    (1, "gate", True, 0, True, True, True),
+    (2, "gate", False, 2, True, True, True),
+    (0, "gate", True, 0, True, False, True),
 ]
 
 
@@ -123,9 +126,9 @@ def test_fused_path_is_not_taken_for_training_or_unsupported_settings():
     assert not block._use_fused(x)  # parameters require grad and grad mode is on: the reference path trains
     with torch.no_grad():
         assert block._use_fused(x)
-        block.config.fusion = "gate"
+        block.config.attn_impl = "reference"
         assert not block._use_fused(x)
-        block.config.fusion = "head"
+        block.config.attn_impl = MMateConfig().attn_impl
         block.fused = "auto"
         assert not block._use_fused(x)  # CPU: auto keeps the reference path
         block.fused = "sometimes"
@@ -234,8 +237,9 @@ def test_triton_kernels_match_torch_references(dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layer", [0, 1, 2, 3])
-def test_fused_block_bf16_matches_reference_gpu(layer):
+@pytest.mark.parametrize("layer,fusion", [(0, "head"), (1, "head"), (2, "head"), (3, "head"), (1, "gate"),
+                                          (2, "channel")])
+def test_fused_block_bf16_matches_reference_gpu(layer, fusion):
     """Fused bf16 vs reference bf16, both against the block in float32 (torch scans): the fused error must stay
     within twice the reference path's own bf16 error (+ 2e-3 of the output scale)."""
     _gpu_ready()
@@ -248,7 +252,7 @@ def test_fused_block_bf16_matches_reference_gpu(layer):
     kv = torch.ones(B, L, dtype=torch.bool)
     kv[1, :7] = False
     layout = TokenLayout.from_spans(B, L, spans, key_valid=kv, device=dev)
-    cfg = MMateConfig(window=(2, 4, 4), text_window=64, chunk_size=64, init="mamba2")
+    cfg = MMateConfig(window=(2, 4, 4), text_window=64, chunk_size=64, init="mamba2", fusion=fusion)
     block32 = MMate.from_attention(attn, layer, cfg)
     _randomise(block32, seed=layer)
     block32.config = MMateConfig(**{**cfg.to_dict(), "ssd_impl": "torch"})
