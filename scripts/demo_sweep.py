@@ -16,8 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-SHORT = {"flash_count": "fc", "flash_order": "fo", "colour_at_cue": "cc", "relation_at_cue": "rc",
-         "position_at_cue": "pc", "image_colour": "ic", "image_where": "iw", "image_position": "ip", "image_count": "in"}
+from ablation_table import SHORT  # the task abbreviations of the ablation table (scripts/ is on sys.path)
+from linmu.synthetic import TASKS
 
 
 def main():
@@ -59,7 +59,7 @@ def main():
 
 
 def table(rows):
-    tasks = list(SHORT)
+    tasks = list(TASKS)
     head = ["run", "stage s"] + [f"{w} {n}" for n in ("16", "128") for w in ("S", "Δ")]
     head += [f"{SHORT[t]}{n}" for n in ("16", "128") for t in tasks]
     print("| " + " | ".join(head) + " |")

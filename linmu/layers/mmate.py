@@ -363,6 +363,7 @@ class MMate(nn.Module):
             del qs, ks, vs
 
         ws, bias = self._output_weights()
+        token_bias = None  # the gate's per-token bias, added after the GEMMs
         if cfg.fusion == "gate":
             # per-token weights cannot be folded into the projection: scale the cores (g, 1 - g per head) in place
             g = torch.sigmoid(self.gate(u.reshape(N, hidden)))  # (N, H), in u's dtype as in _fuse
@@ -373,11 +374,7 @@ class MMate(nn.Module):
                 cores[:, lo:lo + widths[i]].view(N, H, P).mul_(w[..., None].to(cores.dtype))
                 if branch.o_proj.bias is not None:
                     b = w.mean(-1, keepdim=True) * branch.o_proj.bias
-                    bias = b if bias is None else bias + b
-        if bias is not None and bias.dim() == 2:  # per-token bias (gate): added after the GEMMs
-            token_bias, bias = bias, None
-        else:
-            token_bias = None
+                    token_bias = b if token_bias is None else token_bias + b
         if self.fuse_gemms or len(ws) == 1:
             out = F.linear(cores, torch.cat(ws, dim=1), bias)
         else:
