@@ -1,9 +1,10 @@
 """Run several `linmu demo` recipes side by side (e.g. on a GPU machine) and print one table of the students.
 
     python scripts/demo_sweep.py --out /tmp/sweep --jobs 8 --timeout 540 \
-        base="lengths=16" text4="lengths=16;recipe=12.align_text_weight=4"
+        base="lengths=16" text4="lengths=16;recipe=12.align_text_weight=4" gate="lengths=16;ablation=fusion-gate"
 
-Each NAME=SETTINGS runs `python -m linmu.cli demo --out OUT/NAME --settings SETTINGS` (threads per process:
+Each NAME=SETTINGS runs `python -m linmu.cli demo --out OUT/NAME --settings SETTINGS` (an ``ablation=NAME`` item in
+SETTINGS becomes ``--ablation NAME``; threads per process:
 ``--threads``) with a wall-clock limit; runs that did not finish are listed as such. Writes OUT/summary.json and prints
 a markdown table (overall and per task type of the student at both clip lengths, Δ to the teacher, stage seconds).
 """
@@ -18,6 +19,14 @@ from pathlib import Path
 
 from ablation_table import SHORT  # the task abbreviations of the ablation table (scripts/ is on sys.path)
 from linmu.synthetic import TASKS
+
+
+def demo_args(spec: str) -> list[str]:
+    """SETTINGS -> `linmu demo` arguments; an ``ablation=NAME`` item becomes ``--ablation NAME``."""
+    items = [x.strip() for x in spec.split(";") if x.strip()]
+    ablation = [x.partition("=")[2] for x in items if x.startswith("ablation=")]
+    rest = ";".join(x for x in items if not x.startswith("ablation="))
+    return ["--settings", rest] + (["--ablation", ablation[-1]] if ablation else [])
 
 
 def main():
@@ -38,7 +47,7 @@ def main():
             name, spec = todo.pop(0)
             log = open(out / f"{name}.log", "w")
             running[name] = subprocess.Popen([sys.executable, "-m", "linmu.cli", "demo", "--out", str(out / name),
-                                              "--settings", spec], stdout=log, stderr=subprocess.STDOUT, env=env)
+                                              *demo_args(spec)], stdout=log, stderr=subprocess.STDOUT, env=env)
         time.sleep(2)
         for name, p in list(running.items()):
             if p.poll() is not None:

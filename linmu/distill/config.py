@@ -30,6 +30,11 @@ class DistillConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    # learning-rate multiplier for the parameters the teacher does not have (Flex-MA's conv, W_dt, dt bias, A, D,
+    # output gate and norm; the fusion weights): they start from an init, the others from the teacher's weights
+    new_param_lr_scale: float = 1.0
     warmup_steps: int = 0
     schedule: str = "cosine"  # "cosine" | "constant"
     max_grad_norm: float | None = 1.0
@@ -66,6 +71,10 @@ class DistillConfig:
             raise ValueError(f"kd_tokens must be 'answer' or 'nonpad', got {self.kd_tokens!r}")
         if self.hidden_layers not in ("final", "all"):
             raise ValueError(f"hidden_layers must be 'final' or 'all', got {self.hidden_layers!r}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError(f"Adam betas must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        if not self.new_param_lr_scale > 0:
+            raise ValueError(f"new_param_lr_scale must be > 0, got {self.new_param_lr_scale}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
 

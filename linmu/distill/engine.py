@@ -27,7 +27,8 @@ from .checkpoint import (TrainerState, install_trainable_only_hooks, latest_chec
                          save_checkpoint)
 from .config import DistillConfig
 from .losses import alignment_mse, counted_tokens, token_ce, token_kd
-from .stages import TRAINABLE, add_lora, alignment_losses, attach_teachers, detach_teachers, set_trainable
+from .stages import (TRAINABLE, add_lora, alignment_losses, attach_teachers, detach_teachers, is_new_parameter,
+                     set_trainable)
 
 logger = logging.getLogger(__name__)
 _NOT_MODEL_INPUTS = ("labels", "seqkd", "sample_ids", "skipped")
@@ -114,6 +115,17 @@ def stage_losses(cfg: DistillConfig, student, teacher, batch: dict) -> dict[str,
     return terms
 
 
+def param_groups(model, cfg: DistillConfig) -> list[dict]:
+    """The trainable parameters as optimizer groups: those seeded from the teacher at ``cfg.lr``, the new ones
+    (``stages.is_new_parameter``) at ``cfg.lr * cfg.new_param_lr_scale``; empty groups are left out."""
+    seeded, new = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (new if is_new_parameter(name) else seeded).append(p)
+    groups = [{"params": seeded, "lr": cfg.lr}, {"params": new, "lr": cfg.lr * cfg.new_param_lr_scale}]
+    return [g for g in groups if g["params"]]
+
+
 def _linmu_model(model):
     """The LinMU model inside accelerate/DDP (``.module``) and peft (``get_base_model()``) wrappers."""
     for _ in range(4):
@@ -182,7 +194,8 @@ def run_stage(cfg: DistillConfig, *, teacher=None, student=None, dataset=None, c
     if not params:
         raise ValueError(f"stage {cfg.stage} has nothing to train in this student (trainable groups: {counts}); "
                          "e.g. stage 1 trains Flex-MA, which a use_flex=False student does not have")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     if accelerator.distributed_type.name == "FSDP":
         # shard per decoder layer of whatever family this is (the config file need not name the class)

@@ -57,6 +57,15 @@ def stage3_trainable(model) -> dict[str, list[tuple[str, nn.Parameter]]]:
 TRAINABLE = {1: stage1_trainable, 2: stage2_trainable, 3: stage3_trainable}
 
 
+# M-MATE parameters with no teacher counterpart (the rest of Flex-MA and all of Local-Swin are the teacher's q/k/v/o)
+_NEW = re.compile(r"\.self_attn\.(flex\.(conv_|dt_|A_log_|D_|z_proj|norm_weight)|(w_flex|w_swin|gate)(\.|$))")
+
+
+def is_new_parameter(name: str) -> bool:
+    """Whether the named parameter was initialised by conversion rather than copied from the teacher."""
+    return bool(_NEW.search(name))
+
+
 def set_trainable(model, groups: dict[str, list[tuple[str, nn.Parameter]]]) -> dict[str, int]:
     """Freeze everything, then unfreeze the groups; returns the parameter count per group."""
     for p in model.parameters():

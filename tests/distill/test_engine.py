@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import linmu
 from linmu.distill.config import DistillConfig
-from linmu.distill.engine import run_stage, stage_losses, _prepare_student
-from linmu.distill.stages import stage1_trainable, stage2_trainable, stage3_trainable
+from linmu.distill.engine import param_groups, run_stage, stage_losses, _prepare_student
+from linmu.distill.stages import is_new_parameter, stage1_trainable, stage2_trainable, stage3_trainable
 from linmu.tiny import tiny_qwen2_vl, tiny_qwen2_vl_inputs
 from tests.distill.tiny_data import MMATE, TinySet, collate
 
@@ -48,6 +48,34 @@ def test_trainable_sets_are_exactly_the_intended_parameters(teacher):
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert set(counts) == {"lora", "norms", "flex", "swin", "fusion"}
     assert any(".self_attn.flex.A_log_fwd" in n for n in trainable) and any("w_swin" in n for n in trainable)
+
+
+@pytest.mark.parametrize("fusion", ["head", "gate"])
+def test_new_parameters_are_those_with_no_teacher_weight_and_get_their_own_lr(teacher, fusion):
+    student = linmu.convert(teacher, linmu.MMateConfig(**MMATE, fusion=fusion))
+    teacher_attn = {n.split(".self_attn.")[1] for n, _ in teacher.named_parameters() if ".self_attn." in n}
+    for name, _ in student.named_parameters():
+        if ".self_attn." not in name:
+            assert not is_new_parameter(name), name
+            continue
+        rest = name.split(".self_attn.")[1]
+        branch, _, inner = rest.partition(".")
+        # a parameter is seeded exactly when the teacher attention has one of that name (q/k/v/o weights, biases)
+        seeded = branch in ("flex", "swin") and inner in teacher_attn
+        assert is_new_parameter(name) != seeded, name
+    cfg = DistillConfig(stage=2, lr=2e-3, new_param_lr_scale=4.0, adam_beta2=0.95)
+    student, _ = _prepare_student(cfg, teacher, student)
+    groups = param_groups(student, cfg)
+    assert [g["lr"] for g in groups] == [2e-3, 8e-3]
+    new_ids = {id(p) for p in groups[1]["params"]}
+    for name, p in student.named_parameters():
+        if p.requires_grad:
+            assert (id(p) in new_ids) == is_new_parameter(name), name
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in student.parameters())
+    with pytest.raises(ValueError, match="betas"):
+        DistillConfig(adam_beta2=1.0)
+    with pytest.raises(ValueError, match="new_param_lr_scale"):
+        DistillConfig(new_param_lr_scale=0)
 
 
 @pytest.mark.parametrize("stage,extra", [(1, {}), (1, {"stage1_swin": "absent", "w_kd": 0.5}), (2, {}),
