@@ -30,6 +30,7 @@ ABLATIONS = {
     "fusion-channel": "per-channel fusion weights",
     "fusion-gate": "per-token sigmoid gate fusion",
     "mamba2-init": "standard Mamba2 init instead of the mimic init",
+    "sinks": "4 attention sinks in Local-Swin (every query also sees the first 4 tokens)",
 }
 
 
@@ -118,6 +119,7 @@ def _mmate_config(ablation: str, settings: DemoSettings) -> MMateConfig:
         "fusion-channel": dict(fusion="channel"),
         "fusion-gate": dict(fusion="gate"),
         "mamba2-init": dict(init="mamba2"),
+        "sinks": dict(n_sink=4),
     }.get(ablation, {}))
     return MMateConfig(**kw)
 

@@ -8,6 +8,7 @@ import torch
 
 import linmu
 from linmu.cli import main
+from linmu.demo.pipeline import ABLATIONS
 from linmu.demo.teacher import demo_teacher_config, demo_tokenizer
 
 
@@ -52,7 +53,7 @@ def test_unknown_ablation_is_refused(tmp_path):
         run_demo(tmp_path, ablation="nonsense")
 
 
-@pytest.mark.parametrize("ablation", ["none", "flex-only", "swin-only", "one-stage", "no-stage3", "swin-absent-stage1"])
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
 def test_every_ablation_stage_has_something_to_train(ablation):
     from linmu.demo.pipeline import DemoSettings, _mmate_config, _stages
     from linmu.distill.stages import stage1_trainable, stage2_trainable
@@ -62,6 +63,8 @@ def test_every_ablation_stage_has_something_to_train(ablation):
     teacher = Qwen2VLForConditionalGeneration(demo_teacher_config(demo_tokenizer(), hidden=64, layers=2))
     settings = DemoSettings()
     student = linmu.convert(teacher, _mmate_config(ablation, settings))
+    if ablation == "sinks":
+        assert all(b.config.n_sink == 4 for b in student.mmate_blocks())
     plan = _stages(ablation, settings)
     dropped = settings.steps[2] if ablation == "no-stage3" else 0  # the stage that ablation removes
     assert sum(st["steps"] for st in plan) == sum(settings.steps) - dropped
