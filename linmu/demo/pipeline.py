@@ -54,6 +54,8 @@ class DemoSettings:
     # come through Flex-MA's state, which is what carries to 8x longer clips)
     window: tuple[int, int, int] = (4, 2, 2)
     text_window: int = 32
+    fusion: str = "head"  # MMateConfig.fusion ("head", "channel" or "gate"); the fusion ablations override it
+    n_sink: int = 0  # MMateConfig.n_sink; the "sinks" ablation sets 4
     # per-stage DistillConfig overrides, space-separated "STAGES.field=value" items, e.g.
     # "12.align_text_weight=4 3.hidden_layers=all" (STAGES: the digits of the stages it applies to)
     recipe: str = ""
@@ -111,7 +113,7 @@ def distillation_examples(settings: DemoSettings) -> list:
 
 
 def _mmate_config(ablation: str, settings: DemoSettings) -> MMateConfig:
-    kw = dict(window=settings.window, text_window=settings.text_window)
+    kw = dict(window=settings.window, text_window=settings.text_window, fusion=settings.fusion, n_sink=settings.n_sink)
     kw.update({
         "flex-only": dict(use_swin=False, fusion_init_flex=1.0),
         "swin-only": dict(use_flex=False, fusion_init_swin=1.0),
