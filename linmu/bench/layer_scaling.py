@@ -125,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="bfloat16 on cuda, float32 on cpu by default")
     p.add_argument("--ssd-impl", default="auto")
     p.add_argument("--attn-impl", default="auto")
+    p.add_argument("--fusion", default="head", choices=["head", "channel", "gate"], help="MMateConfig.fusion")
+    p.add_argument("--n-sink", type=int, default=0, help="MMateConfig.n_sink (Local-Swin attention sinks)")
     p.add_argument("--ssd-only", action="store_true", help="time only ssd_scan (the Flex-MA scan) per length")
     p.add_argument("--no-teacher", action="store_true", help="skip the SDPA teacher layer")
     p.add_argument("--repeats", type=int, default=5)
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     attn = rope = block = None
     if not args.ssd_only:
         attn, rope = build_attention(args.hidden, H, args.kv_heads, P, dtype, device)
-        cfg = MMateConfig(ssd_impl=args.ssd_impl, attn_impl=args.attn_impl)
+        cfg = MMateConfig(ssd_impl=args.ssd_impl, attn_impl=args.attn_impl, fusion=args.fusion, n_sink=args.n_sink)
         block = MMate.from_attention(attn, 1, cfg).eval()
     lengths = [int(v) for v in args.tokens.split(",")]
     max_n = max(lengths)
@@ -237,7 +239,8 @@ def main(argv=None) -> int:
                 print(f"  {cat:<36} {ms:>8.2f} ms")
             for name, ms, cnt in prof["top"][:12]:
                 print(f"    {ms:>8.3f} ms x{cnt:<3} {name}")
-    result = {"device": str(device), "dtype": str(dtype), "heads": H, "head_dim": P, "rows": rows}
+    result = {"device": str(device), "dtype": str(dtype), "heads": H, "head_dim": P, "fusion": args.fusion,
+              "n_sink": args.n_sink, "rows": rows}
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(result, f, indent=2)
