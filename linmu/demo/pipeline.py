@@ -27,8 +27,9 @@ ABLATIONS = {
     "swin-only": "Local-Swin branch only (no Flex-MA)",
     "no-rms": "fixed (T,H,W) scan order instead of the Rotary Major-Scan",
     "swin-absent-stage1": "Local-Swin absent (not frozen) during stage 1",
+    "fusion-head": "per-head fusion weights (LINMU.md's formula; the default before sweeps 6-8)",
     "fusion-channel": "per-channel fusion weights",
-    "fusion-gate": "per-token sigmoid gate fusion",
+    "fusion-gate": "per-token sigmoid gate fusion (the demo's default since sweeps 6-8)",
     "mamba2-init": "standard Mamba2 init instead of the mimic init",
     "sinks": "4 attention sinks in Local-Swin (every query also sees the first 4 tokens)",
 }
@@ -54,7 +55,9 @@ class DemoSettings:
     # come through Flex-MA's state, which is what carries to 8x longer clips)
     window: tuple[int, int, int] = (4, 2, 2)
     text_window: int = 32
-    fusion: str = "head"  # MMateConfig.fusion ("head", "channel" or "gate"); the fusion ablations override it
+    # MMateConfig.fusion ("head", "channel" or "gate"); the fusion ablations override it. The per-token gate is the
+    # demo's default: ahead of per-head weights in every paired run of docs/DEMO.md (sweeps 6-8)
+    fusion: str = "gate"
     n_sink: int = 0  # MMateConfig.n_sink; the "sinks" ablation sets 4
     # per-stage DistillConfig overrides, space-separated "STAGES.field=value" items, e.g.
     # "12.align_text_weight=4 3.hidden_layers=all" (STAGES: the digits of the stages it applies to)
@@ -115,9 +118,11 @@ def distillation_examples(settings: DemoSettings) -> list:
 def _mmate_config(ablation: str, settings: DemoSettings) -> MMateConfig:
     kw = dict(window=settings.window, text_window=settings.text_window, fusion=settings.fusion, n_sink=settings.n_sink)
     kw.update({
-        "flex-only": dict(use_swin=False, fusion_init_flex=1.0),
-        "swin-only": dict(use_flex=False, fusion_init_swin=1.0),
+        # one branch: a fixed-start per-head weight of 1 (a gate over one branch would only rescale it per token)
+        "flex-only": dict(use_swin=False, fusion="head", fusion_init_flex=1.0),
+        "swin-only": dict(use_flex=False, fusion="head", fusion_init_swin=1.0),
         "no-rms": dict(rotary_major_scan=False),
+        "fusion-head": dict(fusion="head"),
         "fusion-channel": dict(fusion="channel"),
         "fusion-gate": dict(fusion="gate"),
         "mamba2-init": dict(init="mamba2"),
@@ -160,9 +165,11 @@ def _stages(ablation: str, settings: DemoSettings):
     base = dict(batch_size=settings.batch_size, tensorboard=False, save_every=10**9, kd_tokens="answer",
                 warmup_steps=5)
     # learning rates from the recipe sweeps of docs/DEMO.md (twice the first ones: +4-9 points at the same steps)
-    stage1 = dict(base, stage=1, steps=s1, lr=6e-3, stage1_swin="absent" if ablation == "swin-absent-stage1" else
-                  "frozen")
-    stage2 = dict(base, stage=2, steps=s2, lr=2e-3)
+    # the parameters with no teacher counterpart (Flex-MA's conv, dt, A, D, gate z, norm; the fusion gate) learn at 10x
+    # in stages 1-2 (sweeps 6-8: +1-2 points at 8x length, most of it with the fusion gate)
+    stage1 = dict(base, stage=1, steps=s1, lr=6e-3, new_param_lr_scale=10.0,
+                  stage1_swin="absent" if ablation == "swin-absent-stage1" else "frozen")
+    stage2 = dict(base, stage=2, steps=s2, lr=2e-3, new_param_lr_scale=10.0)
     stage3 = dict(base, stage=3, steps=s3, lr=2e-3, w_hidden=1.0, w_kd=1.0, w_ce=0.2, lora_r=8, lora_alpha=16,
                   stage3_mmate=ablation == "one-stage")
     stage1, stage2, stage3 = (_with_recipe(kw, settings.recipe) for kw in (stage1, stage2, stage3))
