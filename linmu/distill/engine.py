@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from ..config import MMateConfig
+from ..denormals import flush_denormals
 from ..io import load_teacher
 from .checkpoint import (TrainerState, install_trainable_only_hooks, latest_checkpoint, load_checkpoint,
                          save_checkpoint)
@@ -216,6 +217,17 @@ def run_stage(cfg: DistillConfig, *, teacher=None, student=None, dataset=None, c
             logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state.step, state.epoch,
                         state.batch_in_epoch)
 
+    with flush_denormals(cfg.flush_denormals):
+        state = _train(cfg, accelerator, student, teacher, loader, optimizer, scheduler, params, state, out_dir,
+                       max_steps_this_call)
+    if state.step < cfg.steps:
+        return out_dir  # stopped early on request (max_steps_this_call); resume to finish
+    return _finish(cfg, accelerator, student, teacher, state, counts, out_dir)
+
+
+def _train(cfg, accelerator, student, teacher, loader, optimizer, scheduler, params, state, out_dir: Path,
+           max_steps_this_call: int | None):
+    """The training loop of ``run_stage``; returns the trainer state where it stopped."""
     log = _RunLog(out_dir, cfg, accelerator.is_main_process, state.step)
     stop_at = cfg.steps if max_steps_this_call is None else min(cfg.steps, state.step + max_steps_this_call)
     t_start, tokens_at_start = time.perf_counter(), state.tokens
@@ -262,9 +274,7 @@ def run_stage(cfg: DistillConfig, *, teacher=None, student=None, dataset=None, c
             state.epoch += 1
             state.batch_in_epoch = 0
     log.close()
-    if state.step < cfg.steps:
-        return out_dir  # stopped early on request (max_steps_this_call); resume to finish
-    return _finish(cfg, accelerator, student, teacher, state, counts, out_dir)
+    return state
 
 
 def _finish(cfg, accelerator, student, teacher, state, counts, out_dir: Path) -> Path:

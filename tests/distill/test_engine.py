@@ -150,6 +150,7 @@ def test_run_stage_writes_logs_checkpoints_and_a_loadable_model(teacher, tmp_pat
     assert saved and all(".self_attn." in k for k in saved)  # trainable tensors only
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
     assert list((tmp_path / "tensorboard").iterdir())
+    assert torch.tensor([1e-40]).mul(1.0).item() != 0.0  # subnormals flushed only while the stage ran
 
 
 def test_stage_n_plus_1_starts_from_stage_n(teacher, tmp_path):
