@@ -118,11 +118,14 @@ def stage_losses(cfg: DistillConfig, student, teacher, batch: dict) -> dict[str,
 
 def param_groups(model, cfg: DistillConfig) -> list[dict]:
     """The trainable parameters as optimizer groups: those seeded from the teacher at ``cfg.lr``, the new ones
-    (``stages.is_new_parameter``) at ``cfg.lr * cfg.new_param_lr_scale``; empty groups are left out."""
+    (``stages.is_new_parameter``) at ``cfg.lr * cfg.new_param_lr_scale``; empty groups are left out. With a scale of
+    1 it is one group, as before the option existed (so older checkpoints' optimizer states still resume)."""
     seeded, new = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (new if is_new_parameter(name) else seeded).append(p)
+    if cfg.new_param_lr_scale == 1:
+        return [{"params": seeded + new, "lr": cfg.lr}]
     groups = [{"params": seeded, "lr": cfg.lr}, {"params": new, "lr": cfg.lr * cfg.new_param_lr_scale}]
     return [g for g in groups if g["params"]]
 

@@ -72,6 +72,8 @@ def test_new_parameters_are_those_with_no_teacher_weight_and_get_their_own_lr(te
         if p.requires_grad:
             assert (id(p) in new_ids) == is_new_parameter(name), name
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in student.parameters())
+    one = param_groups(student, DistillConfig(stage=2, lr=2e-3))  # scale 1: a single group, as before the option
+    assert len(one) == 1 and len(one[0]["params"]) == sum(len(g["params"]) for g in groups)
     with pytest.raises(ValueError, match="betas"):
         DistillConfig(adam_beta2=1.0)
     with pytest.raises(ValueError, match="new_param_lr_scale"):
