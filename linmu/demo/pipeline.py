@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import MMateConfig
+from ..denormals import flush_denormals
 from .teacher import SHIPPED_TEACHER, TRAIN_FRAMES, load_demo_teacher, train_teacher
 
 # ablation name -> what changes (LINMU.md's "default, ablate" choices and the paper's ablations)
@@ -183,6 +184,7 @@ def _stages(ablation: str, settings: DemoSettings):
     return [stage1, stage2, stage3]
 
 
+@flush_denormals()  # a fresh block per call (a context manager used as a decorator)
 def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_teacher: bool = False,
              teacher_dir=None, settings: str | None = None, log=print) -> dict:
     """Run the whole default job into ``out_dir``; returns the report (also ``out_dir/report.json``).
@@ -190,16 +192,6 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
     Subnormal floats are flushed to zero throughout (``linmu.denormals``): the trained student's decays produce them,
     and on a CPU they slow every distillation step and the speed sweep of both models alike.
     """
-    from ..denormals import flush_denormals
-
-    with flush_denormals():
-        return _run_demo(out_dir, quick=quick, ablation=ablation, retrain_teacher=retrain_teacher,
-                         teacher_dir=teacher_dir, settings=settings, log=log)
-
-
-def _run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_teacher: bool = False,
-              teacher_dir=None, settings: str | None = None, log=print) -> dict:
-    """Run the whole default job into ``out_dir``; returns the report (also ``out_dir/report.json``)."""
     from ..convert import convert
     from ..distill.config import DistillConfig
     from ..distill.engine import run_stage
