@@ -40,22 +40,27 @@ ABLATIONS = {
 class DemoSettings:
     n_train: int = 1200  # distillation examples (train split)
     # clip lengths of the distillation set (frames), n_train split evenly over them, distinct seeds per length
-    # (16 and 32 frames: the 32-frame half teaches Flex-MA to hold a moment over more tokens, which is what carries to
-    # 8x longer clips; docs/DEMO.md, recipe sweeps)
-    distill_frames: tuple[int, ...] = (TRAIN_FRAMES, 2 * TRAIN_FRAMES)
+    # (16 and 48 frames: a 48-frame clip is longer than Local-Swin's text window, so Flex-MA must learn to hold the
+    # moments before the window, which is what carries to 8x longer clips; docs/DEMO.md, recipe sweeps 9-11)
+    distill_frames: tuple[int, ...] = (TRAIN_FRAMES, 3 * TRAIN_FRAMES)
     # task mix of the distillation set: "uniform" (every type equally) or "teacher" (the teacher's TASK_WEIGHTS, which
     # weight the cue and flash types up)
     distill_mix: str = "uniform"
+    # task mix of stage 3's clips ("" = the distillation set above; else a mix name of MIXES: stage 3 gets its own
+    # n_train clips of the train split in that mix)
+    stage3_mix: str = ""
     n_test: int = 540  # test examples per clip length (60 per task type)
     steps: tuple[int, int, int] = (600, 600, 300)  # optimizer steps of stages 1, 2, 3
     batch_size: int = 8
     lengths: tuple[int, ...] = (16, 64, 128, 256, 512)  # frames in the speed sweep
     decode_tokens: int = 32
     # M-MATE at the synthetic scale (2x2 merged tokens per frame pair): a visual window covers two frame pairs;
-    # text attends to the last `text_window` tokens (kept below a training clip's length so that the answer must
-    # come through Flex-MA's state, which is what carries to 8x longer clips)
+    # text attends to the last `text_window` tokens: 64 covers a 16-frame clip and its question (~64 tokens), so at
+    # the training length text reads the clip with the teacher's own softmax attention (Flex-MA's linear readout
+    # alone missed 10-18 points of flash_order there), while 8x longer clips (~290 tokens) and the 48-frame
+    # distillation clips reach past it and need Flex-MA's state (sweeps 9-11 of docs/DEMO.md)
     window: tuple[int, int, int] = (4, 2, 2)
-    text_window: int = 32
+    text_window: int = 64
     # MMateConfig.fusion ("head", "channel" or "gate"); the fusion ablations override it. The per-token gate is the
     # demo's default: ahead of per-head weights in every paired run of docs/DEMO.md (sweeps 6-8)
     fusion: str = "gate"
@@ -101,16 +106,28 @@ class SyntheticSet(torch.utils.data.Dataset):
         return dict(self.processor.pad(items))
 
 
-def distillation_examples(settings: DemoSettings) -> list:
+# task mixes of the distillation clips: None = every type equally; else integer weights per type
+MIXES = {
+    "uniform": None,
+    "teacher": "TASK_WEIGHTS",  # the teacher's own training mix (linmu.demo.teacher.TASK_WEIGHTS)
+    # the global types the student trails the teacher on (docs/DEMO.md) three times, relation_at_cue twice
+    "flash": {"flash_count": 3, "flash_order": 3, "colour_at_cue": 1, "relation_at_cue": 2, "position_at_cue": 1,
+              "image_colour": 1, "image_where": 1, "image_position": 1, "image_count": 1},
+}
+
+
+def distillation_examples(settings: DemoSettings, mix: str | None = None) -> list:
     """``settings.n_train`` train-split clips, split evenly over ``settings.distill_frames`` (lengths interleaved,
-    distinct seeds per length), task types uniform or in the teacher's training mix (``settings.distill_mix``)."""
+    distinct seeds per length), task types in the mix ``mix`` (default ``settings.distill_mix``; see MIXES)."""
     from ..synthetic import make_split
 
-    from .teacher import weighted_tasks
+    from .teacher import TASK_WEIGHTS, weighted_tasks
 
-    if settings.distill_mix not in ("uniform", "teacher"):
-        raise ValueError(f"distill_mix must be 'uniform' or 'teacher', not {settings.distill_mix!r}")
-    tasks = weighted_tasks() if settings.distill_mix == "teacher" else None
+    mix = settings.distill_mix if mix is None else mix
+    if mix not in MIXES:
+        raise ValueError(f"distill_mix / stage3_mix must be one of {', '.join(MIXES)}, not {mix!r}")
+    weights = TASK_WEIGHTS if MIXES[mix] == "TASK_WEIGHTS" else MIXES[mix]
+    tasks = weighted_tasks(weights) if weights is not None else None
     per = -(-settings.n_train // len(settings.distill_frames))
     parts = [make_split("train", per, f, tasks=tasks, start=i * per) for i, f in enumerate(settings.distill_frames)]
     return [ex for group in zip(*parts) for ex in group][:settings.n_train]
@@ -229,6 +246,8 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
         f"{settings.n_test} test clips at {TRAIN_FRAMES} and "
         f"{8 * TRAIN_FRAMES} frames ({time.perf_counter() - t0:.0f}s)")
     dataset = SyntheticSet(train, processor)
+    stage3_set = (SyntheticSet(distillation_examples(settings, settings.stage3_mix), processor)
+                  if settings.stage3_mix not in ("", settings.distill_mix) else dataset)
 
     # 3-4. convert, then the distillation stages, each starting from the previous stage's output
     student = convert(teacher, _mmate_config(ablation, settings))
@@ -239,7 +258,8 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
         log(f"[3/6] stage {cfg.stage}: {cfg.steps} steps")
         # the vision towers (frozen, the teacher's) attend per frame in one packed call (vision_attention.py)
         with vision_attention(teacher), vision_attention(student):
-            final = run_stage(cfg, teacher=teacher, student=student, dataset=dataset, collate_fn=dataset.collate)
+            data = stage3_set if cfg.stage == 3 else dataset
+            final = run_stage(cfg, teacher=teacher, student=student, dataset=data, collate_fn=data.collate)
         student = load(final)
         losses = [json.loads(l)["loss"] for l in (Path(cfg.output_dir) / "log.jsonl").read_text().splitlines()]
         stages.append({"stage": cfg.stage, "steps": cfg.steps, "seconds": time.perf_counter() - t0,
