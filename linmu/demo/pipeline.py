@@ -40,9 +40,9 @@ ABLATIONS = {
 class DemoSettings:
     n_train: int = 1200  # distillation examples (train split)
     # clip lengths of the distillation set (frames), n_train split evenly over them, distinct seeds per length
-    # (16 and 48 frames: a 48-frame clip is longer than Local-Swin's text window, so Flex-MA must learn to hold the
-    # moments before the window, which is what carries to 8x longer clips; docs/DEMO.md, recipe sweeps 9-11)
-    distill_frames: tuple[int, ...] = (TRAIN_FRAMES, 3 * TRAIN_FRAMES)
+    # (16 and 40 frames: a 40-frame clip is longer than Local-Swin's text window, so Flex-MA must learn to hold the
+    # moments before the window, which is what carries to 8x longer clips; docs/DEMO.md, recipe sweeps 9-12)
+    distill_frames: tuple[int, ...] = (TRAIN_FRAMES, 5 * TRAIN_FRAMES // 2)
     # task mix of the distillation set: "uniform" (every type equally) or "teacher" (the teacher's TASK_WEIGHTS, which
     # weight the cue and flash types up)
     distill_mix: str = "uniform"
@@ -50,15 +50,17 @@ class DemoSettings:
     # n_train clips of the train split in that mix)
     stage3_mix: str = ""
     n_test: int = 540  # test examples per clip length (60 per task type)
-    steps: tuple[int, int, int] = (600, 600, 300)  # optimizer steps of stages 1, 2, 3
+    # optimizer steps of stages 1, 2, 3 (500 in stages 1-2 keeps the 2-core CPU run under 20 minutes with the
+    # 40-frame clips; sweeps 9-12)
+    steps: tuple[int, int, int] = (500, 500, 300)
     batch_size: int = 8
     lengths: tuple[int, ...] = (16, 64, 128, 256, 512)  # frames in the speed sweep
     decode_tokens: int = 32
     # M-MATE at the synthetic scale (2x2 merged tokens per frame pair): a visual window covers two frame pairs;
     # text attends to the last `text_window` tokens: 64 covers a 16-frame clip and its question (~64 tokens), so at
     # the training length text reads the clip with the teacher's own softmax attention (Flex-MA's linear readout
-    # alone missed 10-18 points of flash_order there), while 8x longer clips (~290 tokens) and the 48-frame
-    # distillation clips reach past it and need Flex-MA's state (sweeps 9-11 of docs/DEMO.md)
+    # alone missed 10-18 points of flash_order there), while 8x longer clips (~290 tokens) and the 40-frame
+    # distillation clips reach past it and need Flex-MA's state (sweeps 9-12 of docs/DEMO.md)
     window: tuple[int, int, int] = (4, 2, 2)
     text_window: int = 64
     # MMateConfig.fusion ("head", "channel" or "gate"); the fusion ablations override it. The per-token gate is the
@@ -131,6 +133,13 @@ def distillation_examples(settings: DemoSettings, mix: str | None = None) -> lis
     per = -(-settings.n_train // len(settings.distill_frames))
     parts = [make_split("train", per, f, tasks=tasks, start=i * per) for i, f in enumerate(settings.distill_frames)]
     return [ex for group in zip(*parts) for ex in group][:settings.n_train]
+
+
+def stage3_examples(settings: DemoSettings, train: list) -> list:
+    """Stage 3's clips: ``train`` (the distillation set) unless ``settings.stage3_mix`` names another mix."""
+    if settings.stage3_mix in ("", settings.distill_mix):
+        return train
+    return distillation_examples(settings, settings.stage3_mix)
 
 
 def _mmate_config(ablation: str, settings: DemoSettings) -> MMateConfig:
@@ -246,8 +255,8 @@ def run_demo(out_dir, *, quick: bool = False, ablation: str = "none", retrain_te
         f"{settings.n_test} test clips at {TRAIN_FRAMES} and "
         f"{8 * TRAIN_FRAMES} frames ({time.perf_counter() - t0:.0f}s)")
     dataset = SyntheticSet(train, processor)
-    stage3_set = (SyntheticSet(distillation_examples(settings, settings.stage3_mix), processor)
-                  if settings.stage3_mix not in ("", settings.distill_mix) else dataset)
+    s3 = stage3_examples(settings, train)
+    stage3_set = dataset if s3 is train else SyntheticSet(s3, processor)
 
     # 3-4. convert, then the distillation stages, each starting from the previous stage's output
     student = convert(teacher, _mmate_config(ablation, settings))

@@ -1,6 +1,7 @@
 """`linmu demo --quick` end to end on the shipped teacher (the accuracy numbers of a 4-step distillation are not the
 point here: the full demo's are recorded in docs/DEMO.md)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -99,6 +100,35 @@ def test_distillation_set_can_follow_the_teachers_task_mix():
     assert len(set(Counter(e.task for e in distillation_examples(DemoSettings(n_train=n))).values())) <= 2
     with pytest.raises(ValueError, match="distill_mix"):
         distillation_examples(DemoSettings(n_train=4, distill_mix="hard"))
+
+
+def test_named_mixes_weight_the_task_types():
+    from collections import Counter
+
+    from linmu.demo.pipeline import MIXES, DemoSettings, distillation_examples
+
+    weights = MIXES["flash"]
+    n = 2 * sum(weights.values())  # two lengths, one full round of the mix each
+    got = Counter(e.task for e in distillation_examples(DemoSettings(n_train=n), "flash"))
+    assert got == {t: 2 * w for t, w in weights.items()}
+    with pytest.raises(ValueError, match="stage3_mix"):
+        distillation_examples(DemoSettings(n_train=4), "hard")
+
+
+def test_stage3_gets_its_own_clips_only_in_another_mix():
+    from collections import Counter
+
+    from linmu.demo.pipeline import MIXES, DemoSettings, distillation_examples, stage3_examples
+    from linmu.synthetic.suite import split_of
+
+    n = 2 * sum(MIXES["flash"].values())
+    settings = DemoSettings(n_train=n)
+    train = distillation_examples(settings)
+    assert stage3_examples(settings, train) is train
+    assert stage3_examples(dataclasses.replace(settings, stage3_mix="uniform"), train) is train
+    flash = stage3_examples(dataclasses.replace(settings, stage3_mix="flash"), train)
+    assert Counter(e.task for e in flash) == {t: 2 * w for t, w in MIXES["flash"].items()}
+    assert {split_of(e.metadata["seed"]) for e in flash} == {"train"}
 
 
 def test_recipe_overrides_the_named_stages_with_typed_values():
