@@ -85,7 +85,7 @@ def test_distillation_set_mixes_clip_lengths_with_distinct_seeds():
     assert [e.frames.shape[0] for e in ex[:4]] == [8, 16, 8, 16]
     assert len({(e.task, e.metadata["seed"]) for e in ex}) == 21  # no clip repeated at another length
     assert all(e.metadata["split"] == "train" for e in ex)
-    assert [e.frames.shape[0] for e in distillation_examples(DemoSettings(n_train=5))] == [16, 32, 16, 32, 16]
+    assert [e.frames.shape[0] for e in distillation_examples(DemoSettings(n_train=5))] == [16, 40, 16, 40, 16]
 
 
 def test_distillation_set_can_follow_the_teachers_task_mix():
